@@ -1,0 +1,149 @@
+// Parameter structs shared by the CPU kernels, the CUDA kernels, the torch op layer and the
+// C++ microbenchmarks. Nothing here may include torch: the kernels compile with nvcc/g++ alone.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define D2F_HOST_DEVICE __host__ __device__
+#else
+#define D2F_HOST_DEVICE
+#endif
+
+namespace d2f {
+
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Block-causal attention of a window of new tokens over a KV cache plus the window itself.
+// Window token i attends to every cached position of its row and to window token j iff
+// block_ids[j] >= 0 && block_ids[j] <= block_ids[i]. Tokens with block_ids == -1 are padding:
+// never attended to, and their output row is zero.
+// Block ids must be non-decreasing over the non-padding tokens of a row (blocks are consecutive),
+// which lets a kernel stop the key loop at the last key of the query tile's newest block.
+struct AttentionParams {
+  const void* q;  // [B, W, H, D]; last dim contiguous, other strides in elements
+  const void* k;  // [B, W, Hkv, D]
+  const void* v;  // [B, W, Hkv, D]
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  const void* k_cache;  // [Bc, S, Hkv, D] contiguous
+  const void* v_cache;  // [Bc, S, Hkv, D] contiguous
+  const int32_t* cache_lens;  // [B]: cached positions of query row b (0..S)
+  const int32_t* cache_rows;  // [B] or nullptr: query row b reads cache row cache_rows[b]
+  const int32_t* block_ids;   // [B, W] contiguous
+  void* out;                  // [B, W, H, D] contiguous
+  int batch, window, heads, kv_heads, head_dim, cache_capacity;
+  float scale;  // usually 1/sqrt(head_dim)
+  DType dtype;  // of q, k, v, caches and out alike
+};
+
+// Copies window rows [src_start[b], src_start[b] + src_len[b]) of k/v into the cache of row b
+// at positions [cache_lens[b], cache_lens[b] + src_len[b]).
+struct StoreKVParams {
+  const void* k;  // [B, W, Hkv, D], strides as in AttentionParams
+  const void* v;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  void* k_cache;  // [Bc, S, Hkv, D] contiguous
+  void* v_cache;
+  const int32_t* cache_lens;  // [B] write offsets
+  const int32_t* cache_rows;  // [B] or nullptr
+  const int32_t* src_start;   // [B]
+  const int32_t* src_len;     // [B]
+  int batch, window, kv_heads, head_dim, cache_capacity;
+  DType dtype;
+};
+
+// How the forced single pick of a fully activated block ranks positions.
+enum class Confidence : int32_t { kProbability = 0, kMargin = 1, kNegEntropy = 2 };
+
+// Confidence-threshold unmasking over one forward's logits.
+// For every window position w of row b with tokens[b, w] == mask_id and block_ids[b, w] >= 0:
+//   row = prev_logits ? (w == 0 ? prev_logits[b] : logits[b, w - 1]) : logits[b, w]
+//   temperature == 0: token = argmax(row) (lowest index on ties), p = softmax(row)[token]
+//   temperature  > 0: token = argmax(row / T + gumbel(seed, b, w, v)), p = softmax(row / T)[token]
+//   confidence = p | top1 - top2 of softmax(row / T) | sum_v q_v * log(q_v + 1e-10)
+// Then per block: decode every masked position with p > threshold (strict); a block whose
+// fully_activated flag is set and that decodes nothing decodes its masked position of highest
+// confidence (lowest index on ties). Tokens are written in place.
+struct UnmaskParams {
+  const void* logits;  // [B, W, V]; last dim contiguous
+  int64_t logits_batch_stride, logits_row_stride;
+  const void* prev_logits;  // [B, V] or nullptr (then no shift)
+  int64_t prev_batch_stride;
+  int64_t* tokens;                  // [B, W] contiguous, in/out
+  const int32_t* block_ids;         // [B, W] contiguous; global block index, -1 = skip
+  const int32_t* fully_activated;   // [B, NB]; row stride given, last dim contiguous
+  int64_t fully_activated_batch_stride;
+  int32_t* counts;     // [B, NB] out: tokens newly decoded per block
+  int32_t* eos_block;  // [B] out: lowest block in which eos_id was decoded, -1 if none
+  // Workspace [B, W] each, filled per masked position before the per-block decision.
+  int64_t* cand_token;
+  float* cand_prob;
+  float* cand_conf;
+  int batch, window, vocab, num_blocks;
+  int64_t mask_id, eos_id;  // eos_id < 0: no EOS tracking
+  float threshold, temperature;
+  Confidence confidence;
+  uint64_t seed;
+  DType dtype;  // of logits and prev_logits
+};
+
+// Counter-based noise so that the CPU kernel, the CUDA kernel and the PyTorch reference draw
+// identical Gumbel noise: uniform u in (0, 1) from (seed, b, w, v), all in 32-bit arithmetic.
+D2F_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+D2F_HOST_DEVICE inline uint32_t noise_key(uint64_t seed, uint32_t b, uint32_t w) {
+  uint32_t h = hash32(static_cast<uint32_t>(seed) ^ hash32(static_cast<uint32_t>(seed >> 32) + 0x9e3779b9u));
+  h = hash32(h ^ b);
+  return hash32(h ^ w);
+}
+
+D2F_HOST_DEVICE inline double noise_uniform(uint32_t key, uint32_t v) {
+  return (static_cast<double>(hash32(key ^ v) >> 8) + 0.5) * (1.0 / 16777216.0);
+}
+
+// D2F block-state pipeline (../D2F-SPEC.md), one row of a batch.
+// Per row: rows[b, RowField]; per block: blocks[b, BlockField, NB] (field-major, so that one
+// field of all blocks, e.g. kFull, is a contiguous [NB] vector the unmask kernel reads).
+// Row coordinates are compact: block 0 is the row's real prompt (no padding) at [0, prompt_len),
+// generation block k >= 1 starts at prompt_len + (k - 1) * block_size.
+enum RowField : int32_t {
+  kNumBlocks = 0,   // blocks that exist, the prompt included
+  kEosBlock = 1,    // lowest block holding a decoded EOS, -1 if none
+  kFinished = 2,    // 1 once the row needs no more forwards
+  kCacheLen = 3,    // committed positions, counting the commit of the planned forward
+  kWinStart = 4,    // planned forward: first window position (== cache length it reads)
+  kWinLen = 5,      // planned forward: window length (0 when finished)
+  kCommitLen = 6,   // planned forward: positions from kWinStart whose K/V it stores
+  kForwards = 7,    // forwards planned so far
+  kPromptLen = 8,
+  kNumRowFields = 9
+};
+enum BlockField : int32_t {
+  kStart = 0,
+  kLen = 1,
+  kMasked = 2,  // positions still masked
+  kState = 3,   // BlockState
+  kFull = 4,    // sticky fully-activated flag
+  kNumBlockFields = 5
+};
+enum BlockState : int32_t { kActive = 0, kToCache = 1, kInCache = 2 };
+
+struct PipelineParams {
+  int32_t* rows;    // [B, kNumRowFields] contiguous
+  int32_t* blocks;  // [B, kNumBlockFields, NB] contiguous; NB = 1 + max generation blocks
+  const int32_t* counts;     // [B, NB]: decoded by the last forward (all zero before the first)
+  const int32_t* eos_block;  // [B]: from the last unmask, -1 if none
+  int batch, num_blocks, block_size;
+  double add_threshold, activate_threshold;
+};
+
+}  // namespace d2f

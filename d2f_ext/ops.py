@@ -1,0 +1,150 @@
+"""The d2f_ext ops: thin wrappers over ``torch.ops.d2f_ext`` with shapes documented.
+
+When the compiled extension ``d2f_ext._C`` cannot be loaded, every wrapper falls back to the
+plain-PyTorch twin in :mod:`d2f_ext.reference` (same results, slower); :data:`HAVE_C` tells which.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import layout as L
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.d2f_ext)
+    HAVE_C = True
+except ImportError as _err:  # pragma: no cover - exercised only on broken installs
+    HAVE_C = False
+    _IMPORT_ERROR = _err
+
+
+def build_info() -> dict:
+    """What the loaded extension was built with: torch version, CUDA compiled in, archs."""
+    if not HAVE_C:
+        return {"extension": False, "error": str(_IMPORT_ERROR), "torch": torch.__version__}
+    fields = dict(kv.split("=", 1) for kv in torch.ops.d2f_ext.build_info().split(";"))
+    return {"extension": True, "torch": fields["torch"], "cuda": fields["cuda"] == "1",
+            "cuda_archs": [a for a in fields["cuda_archs"].split(",") if a],
+            "openmp": fields["openmp"] == "1", "torch_runtime": torch.__version__}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, cache_lens: torch.Tensor, block_ids: torch.Tensor,
+              cache_rows: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Block-causal attention of a window over a KV cache plus the window itself.
+
+    q: [B, W, H, D]; k, v: [B, W, Hkv, D] (H % Hkv == 0; last dim contiguous, any other strides).
+    k_cache, v_cache: [Bc, S, Hkv, D] contiguous. cache_lens: int32 [B], cached positions per row.
+    block_ids: int32 [B, W]: window token i sees token j iff 0 <= block_ids[j] <= block_ids[i];
+    -1 marks padding (never seen; its output is 0). Non-decreasing over a row's real tokens.
+    cache_rows: optional int32 [B], the cache row each query row reads (default: row b).
+    Returns [B, W, H, D] in q's dtype (float32, bfloat16; float16 on CUDA).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not HAVE_C:
+        return reference.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale)
+    return torch.ops.d2f_ext.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale)
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             cache_lens: torch.Tensor, src_start: torch.Tensor, src_len: torch.Tensor,
+             cache_rows: Optional[torch.Tensor] = None) -> None:
+    """Write window rows [src_start[b], src_start[b] + src_len[b]) of k, v ([B, W, Hkv, D]) into
+    the caches ([Bc, S, Hkv, D]) of row b (or cache_rows[b]) from position cache_lens[b] on.
+    cache_lens, src_start, src_len: int32 [B]. Raises if a row would overflow S."""
+    if not HAVE_C:
+        return reference.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows)
+    torch.ops.d2f_ext.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows)
+
+
+def _filter_top_k_top_p(x: torch.Tensor, top_k: Optional[int], top_p: float) -> torch.Tensor:
+    # The spec's order: top-p first, then top-k, on temperature-scaled logits.
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        cum = torch.softmax(sorted_x.float(), dim=-1).cumsum(-1)
+        drop_sorted = cum > top_p
+        drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()
+        drop_sorted[..., 0] = False
+        x = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    return x
+
+
+def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
+           fully_activated: torch.Tensor, mask_id: int, *, prev_logits: Optional[torch.Tensor] = None,
+           eos_id: int = -1, threshold: float = 0.9, temperature: float = 0.0,
+           sampling_strategy: str = "default", seed: int = 0, top_k: Optional[int] = None,
+           top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence-threshold unmasking of one forward's logits, tokens written in place.
+
+    logits: [B, W, V] (float32, bfloat16, float16); tokens: int64 [B, W] contiguous;
+    block_ids: int32 [B, W], the global block of each position (-1: never decoded);
+    fully_activated: int32 [B, NB] (block i forced to progress when fully_activated[:, i]).
+    prev_logits: [B, V] for models whose logits are shifted right by one (Dream): position w
+    then reads logits row w - 1 and position 0 reads prev_logits.
+    A masked position is decoded when its probability p > threshold; a fully activated block
+    that decodes nothing decodes its most confident position (sampling_strategy: "default" = p,
+    "margin_confidence" = top1 - top2, "neg_entropy"). temperature > 0 samples with Gumbel noise
+    drawn from (seed, row, position, token); top_k / top_p filter first (a slower path).
+    Returns (counts int32 [B, NB]: newly decoded per block, eos_block int32 [B]: lowest block in
+    which eos_id was decoded, -1 if none).
+    """
+    if sampling_strategy not in L.CONFIDENCES:
+        raise ValueError(f"sampling_strategy must be one of {sorted(L.CONFIDENCES)}, got {sampling_strategy!r}")
+    if (top_k is not None and top_k > 0) or top_p < 1.0:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        scale = temperature if temperature > 0 else 1.0
+        logits = _filter_top_k_top_p(logits.float() / scale, top_k, top_p)
+        if prev_logits is not None:
+            prev_logits = _filter_top_k_top_p(prev_logits.float() / scale, top_k, top_p)
+        temperature = 1.0 if temperature > 0 else 0.0
+    args = (logits, tokens, block_ids, fully_activated, prev_logits, int(mask_id), int(eos_id),
+            float(threshold), float(temperature), L.CONFIDENCES[sampling_strategy],
+            int(seed) & ((1 << 63) - 1))
+    if not HAVE_C:
+        return reference.unmask(*args)
+    return torch.ops.d2f_ext.unmask(*args)
+
+
+def pipeline_step(rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor,
+                  eos_block: torch.Tensor, block_size: int, add_threshold: float,
+                  activate_threshold: float) -> None:
+    """Advance the D2F block-state machine of every row by one step, in place.
+
+    rows: int32 [B, layout.NUM_ROW_FIELDS]; blocks: int32 [B, layout.NUM_BLOCK_FIELDS, NB];
+    counts: int32 [B, NB] and eos_block: int32 [B] from the last :func:`unmask` (zeros and -1
+    before the first forward). Applies them, finishes blocks, then plans the next forward
+    (appends a block, activates, detects the end, sets the window and the commit span).
+    """
+    args = (rows, blocks, counts, eos_block, int(block_size), float(add_threshold), float(activate_threshold))
+    if not HAVE_C:
+        return reference.pipeline_step(*args)
+    torch.ops.d2f_ext.pipeline_step(*args)
+
+
+if HAVE_C:
+    @torch.library.register_fake("d2f_ext::attention")
+    def _attention_fake(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("d2f_ext::store_kv")
+    def _store_kv_fake(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows):
+        return None
+
+    @torch.library.register_fake("d2f_ext::unmask")
+    def _unmask_fake(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos_id,
+                     threshold, temperature, confidence, seed):
+        B, NB = fully_activated.shape
+        return (logits.new_empty((B, NB), dtype=torch.int32),
+                logits.new_empty((B,), dtype=torch.int32))
+
+    @torch.library.register_fake("d2f_ext::pipeline_step")
+    def _pipeline_step_fake(rows, blocks, counts, eos_block, block_size, add_threshold, activate_threshold):
+        return None

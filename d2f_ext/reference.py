@@ -1,0 +1,171 @@
+"""Plain-PyTorch twins of every d2f_ext op.
+
+They define what the kernels compute, back the tests, and stand in for the compiled ops when
+``d2f_ext._C`` cannot be loaded. Shapes and semantics are documented in ``d2f_ext.ops``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import layout as L
+
+_MASK32 = 0xFFFFFFFF
+
+
+def attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows=None, scale=None):
+    B, W, H, D = q.shape
+    Hkv = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(B, W, H, D, dtype=q.dtype, device=q.device)
+    rows = cache_rows if cache_rows is not None else torch.arange(B, device=q.device)
+    for b in range(B):
+        n = int(cache_lens[b])
+        c = int(rows[b])
+        keys = torch.cat([k_cache[c, :n], k[b]]).float()  # [n + W, Hkv, D]
+        vals = torch.cat([v_cache[c, :n], v[b]]).float()
+        keys = keys.repeat_interleave(H // Hkv, dim=1)
+        vals = vals.repeat_interleave(H // Hkv, dim=1)
+        bid = block_ids[b].long()
+        visible = (bid[None, :] >= 0) & (bid[None, :] <= bid[:, None])  # [W, W]
+        visible = torch.cat([torch.ones(W, n, dtype=torch.bool, device=q.device), visible], 1)
+        scores = torch.einsum("qhd,khd->hqk", q[b].float(), keys) * scale
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        o = torch.einsum("hqk,khd->qhd", probs, vals)
+        o[bid < 0] = 0
+        out[b] = o.to(q.dtype)
+    return out
+
+
+def store_kv(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows=None):
+    rows = cache_rows if cache_rows is not None else torch.arange(k.shape[0], device=k.device)
+    for b in range(k.shape[0]):
+        n, s, m, c = int(cache_lens[b]), int(src_start[b]), int(src_len[b]), int(rows[b])
+        k_cache[c, n : n + m] = k[b, s : s + m]
+        v_cache[c, n : n + m] = v[b, s : s + m]
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic keeps the low 32 bits exact, matching the uint32 hash in params.h.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, batch: int, window: int, vocab: int, device=None) -> torch.Tensor:
+    """The kernels' Gumbel noise, float64 [batch, window, vocab]."""
+    t = lambda x: torch.as_tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    seed &= (1 << 64) - 1
+    key = _hash32(t(seed & _MASK32) ^ _hash32(t(((seed >> 32) + 0x9E3779B9) & _MASK32)))
+    key = _hash32(key ^ torch.arange(batch, device=device)[:, None])
+    key = _hash32(key ^ torch.arange(window, device=device)[None, :])  # [B, W]
+    h = _hash32(key[..., None] ^ torch.arange(vocab, device=device))
+    u = ((h >> 8).double() + 0.5) * (1.0 / 16777216.0)
+    return -torch.log(-torch.log(u))
+
+
+def token_stats(rows: torch.Tensor, temperature: float, confidence: int, noise=None):
+    """Chosen token, its probability and the confidence for logits rows [..., V]."""
+    x = rows.float()
+    if temperature > 0:
+        x = x / temperature
+    probs = torch.softmax(x, dim=-1)
+    if temperature > 0:
+        token = (x.double() + noise).argmax(-1)
+    else:
+        token = x.argmax(-1)
+    p = probs.gather(-1, token[..., None])[..., 0]
+    if confidence == L.CONF_MARGIN:
+        top2 = probs.topk(2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
+    elif confidence == L.CONF_NEG_ENTROPY:
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    else:
+        conf = p
+    return token, p, conf
+
+
+def unmask(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos_id,
+           threshold, temperature, confidence, seed):
+    B, W, V = logits.shape
+    NB = fully_activated.shape[1]
+    rows = logits if prev_logits is None else torch.cat([prev_logits[:, None], logits[:, :-1]], 1)
+    noise = gumbel_noise(seed, B, W, V, logits.device) if temperature > 0 else None
+    token, p, conf = token_stats(rows, temperature, confidence, noise)
+    counts = torch.zeros(B, NB, dtype=torch.int32, device=logits.device)
+    eos_block = torch.full((B,), -1, dtype=torch.int32, device=logits.device)
+    thr = torch.tensor(threshold, dtype=torch.float32)
+    for b in range(B):
+        masked = (tokens[b] == mask_id) & (block_ids[b] >= 0)
+        for blk in torch.unique(block_ids[b][masked]).tolist():
+            pos = torch.nonzero(masked & (block_ids[b] == blk))[:, 0]
+            chosen = pos[p[b, pos] > thr]
+            if len(chosen) == 0 and int(fully_activated[b, blk]):
+                chosen = pos[conf[b, pos].argmax()][None]  # argmax: first index on ties
+            tokens[b, chosen] = token[b, chosen]
+            counts[b, blk] = len(chosen)
+            if eos_id >= 0 and bool((token[b, chosen] == eos_id).any()) and (
+                    eos_block[b] < 0 or blk < eos_block[b]):
+                eos_block[b] = blk
+    return counts, eos_block
+
+
+def pipeline_step(rows, blocks, counts, eos_block, block_size, add_threshold, activate_threshold):
+    """One D2F state transition per row (see d2f_ext.layout and ../D2F-SPEC.md):
+    apply the last forward's decoded counts and EOS (spec step 6's bookkeeping), finish blocks
+    (step 7), then plan the next forward: add (1), activate (2), done (3), window (4)."""
+    NB = blocks.shape[2]
+    for b in range(rows.shape[0]):
+        r, blk = rows[b], blocks[b]
+        if r[L.FINISHED]:
+            continue
+        blk[L.MASKED] -= counts[b]
+        if eos_block[b] >= 0 and (r[L.EOS_BLOCK] < 0 or eos_block[b] < r[L.EOS_BLOCK]):
+            r[L.EOS_BLOCK] = eos_block[b]
+        n = int(r[L.NUM_BLOCKS])
+        earlier_active = False
+        for i in range(n):  # 7. finish, in order, seeing the states set earlier in this pass
+            if blk[L.STATE, i] == L.ACTIVE and blk[L.MASKED, i] == 0 and not earlier_active:
+                blk[L.STATE, i] = L.TO_CACHE
+            earlier_active |= bool(blk[L.STATE, i] == L.ACTIVE)
+
+        def decoded_fraction(i):
+            return float(blk[L.LEN, i] - blk[L.MASKED, i]) / float(blk[L.LEN, i])
+
+        # 1. add
+        if n < NB and r[L.EOS_BLOCK] < 0 and decoded_fraction(n - 1) >= add_threshold:
+            start = int(blk[L.START, n - 1] + blk[L.LEN, n - 1])
+            blk[:, n] = torch.tensor([start, block_size, block_size, L.ACTIVE, 0], dtype=blk.dtype)
+            n += 1
+            r[L.NUM_BLOCKS] = n
+        # 2. activate
+        for i in range(n - 1):
+            if decoded_fraction(i) >= activate_threshold:
+                blk[L.FULL, i + 1] = 1
+        # 3. done (early when every block up to the first EOS is decoded: same output)
+        eos = int(r[L.EOS_BLOCK])
+        last = n if eos < 0 else eos + 1
+        no_active = not bool((blk[L.STATE, :n] == L.ACTIVE).any())
+        if (eos < 0 and no_active and int(blk[L.MASKED, :n].sum()) == 0) or (
+                eos >= 0 and int(blk[L.MASKED, :last].sum()) == 0):
+            r[L.FINISHED] = 1
+            r[L.WIN_LEN] = 0
+            r[L.COMMIT_LEN] = 0
+            continue
+        # 4. window: from the cache end; the to_cache span right after it is committed
+        start = int(r[L.CACHE_LEN])
+        commit = 0
+        for i in range(n):
+            if blk[L.STATE, i] == L.TO_CACHE:
+                commit += int(blk[L.LEN, i])
+                blk[L.STATE, i] = L.IN_CACHE
+        r[L.WIN_START] = start
+        r[L.WIN_LEN] = int(blk[L.START, n - 1] + blk[L.LEN, n - 1]) - start
+        r[L.COMMIT_LEN] = commit
+        r[L.CACHE_LEN] = start + commit
+        r[L.FORWARDS] += 1
