@@ -59,8 +59,10 @@ def extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
+    import torch
+    version = [f'-DD2F_TORCH_VERSION="{torch.__version__}"']
     sources = sorted(glob.glob("csrc/kernels/*.cpp") + glob.glob("csrc/ops/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"] + version  # the C++ standard comes from torch (C++20 since 2.14)
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if not with_cuda:
         return CppExtension("d2f_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
@@ -72,7 +74,7 @@ def extension():
         "d2f_ext._C",
         sources + sorted(glob.glob("csrc/kernels/*.cu")),
         extra_compile_args={"cxx": cxx + defines,
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + defines},
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines},
         **kwargs,
     )
 

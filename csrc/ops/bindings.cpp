@@ -16,7 +16,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 namespace {
 
 std::string build_info() {
-  std::string info = "torch=" TORCH_VERSION_STRING ";cuda=";
+  std::string info = "torch=" D2F_TORCH_VERSION ";cuda=";
 #if defined(D2F_WITH_CUDA)
   info += "1;cuda_archs=" D2F_CUDA_ARCHS;
 #else
