@@ -1,0 +1,103 @@
+"""The forwards shared by LLaDA and Dream; the subclasses only lay out the modules."""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import DecoderLayer, rope_cos_sin
+
+
+def block_mask(block_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, L, L]: token i sees j iff 0 <= block_ids[j] <= block_ids[i]."""
+    bid = block_ids.long()
+    visible = (bid[:, None, :] >= 0) & (bid[:, None, :] <= bid[:, :, None])
+    # A padding query sees nothing, which makes SDPA return NaN; let it see everything instead
+    # (its output is ignored) so that NaN cannot leak into gradients or checks.
+    visible |= ~visible.any(-1, keepdim=True)
+    return visible[:, None]
+
+
+class DiffusionLM(nn.Module):
+    """A masked-diffusion LM: subclasses provide the embedding, the layers, the final norm and
+    the output projection under the checkpoint's parameter names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding()
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_logits(self.final_norm()(x))
+
+    def forward(self, input_ids: torch.Tensor, block_ids: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full-sequence logits [B, L, V] (raw: before Dream's shift), differentiable.
+
+        block_ids [B, L]: block-causal attention (see :func:`block_mask`; -1 = padding, never
+        attended, its logits meaningless); None = fully bidirectional. positions [B, L]: RoPE
+        positions, default 0..L-1.
+        """
+        B, L = input_ids.shape
+        if positions is None:
+            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        mask = None if block_ids is None else block_mask(block_ids.to(input_ids.device))
+        gqa = self.config.num_heads != self.config.num_kv_heads
+        x = self.embedding()(input_ids)
+        for layer in self.decoder_layers():
+            q, k, v = layer.qkv(x, cos, sin)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            x = layer.finish(x, o.transpose(1, 2))
+        return self._head(x)
+
+    @torch.no_grad()
+    def forward_window(self, input_ids: torch.Tensor, positions: torch.Tensor, block_ids: torch.Tensor,
+                       cache: KVCache, cache_lens: torch.Tensor, commit_len: torch.Tensor,
+                       cache_rows: Optional[torch.Tensor] = None,
+                       attn: Optional[ModuleType] = None) -> torch.Tensor:
+        """Logits [B, W, V] of a window over the KV cache (raw: before Dream's shift).
+
+        input_ids, positions: int64 [B, W]; block_ids: int32 [B, W] (-1 = padding). Each window
+        token sees every cached position of its row plus the window tokens of its own or an
+        earlier block. Window rows [0, commit_len[b]) are written to the cache at cache_lens[b]
+        in every layer; cache_lens itself is left for the caller to advance. cache_rows: the
+        cache row of each batch row (default b). attn: a module with ``attention`` and
+        ``store_kv`` (default :mod:`d2f_ext.ops`; :mod:`d2f_ext.reference` for plain PyTorch).
+        """
+        if attn is None:
+            from .. import ops as attn
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        src_start = torch.zeros_like(commit_len)
+        x = self.embedding()(input_ids)
+        for layer_idx, layer in enumerate(self.decoder_layers()):
+            q, k, v = layer.qkv(x, cos, sin)
+            k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
+            o = attn.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows,
+                               scale=self.scale)
+            attn.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, commit_len, cache_rows)
+            x = layer.finish(x, o)
+        return self._head(x)

@@ -1,0 +1,76 @@
+"""Building blocks shared by LLaDA and Dream: RMSNorm, rotary embeddings, the decoder layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalised in fp32 and cast back before the scale, as both reference models do.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, fp32 [B, L, 1, head_dim], for explicit per-token positions [B, L]."""
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, L, H, D], computed in fp32 and returned in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:
+    return down(F.silu(gate(x)) * up(x))
+
+
+class DecoderLayer(nn.Module):
+    """A pre-norm attention + SwiGLU layer. Subclasses create the modules under their checkpoint's
+    names and list their dotted paths in PARTS, in the order: attention norm, q, k, v, output
+    projection, MLP norm, gate, up, down. Attention itself is left to the caller (full-sequence
+    SDPA or the cached window kernels), between :meth:`qkv` and :meth:`finish`."""
+
+    PARTS: tuple[str, ...] = ()
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+
+    def _parts(self) -> list[nn.Module]:
+        return [self.get_submodule(p) for p in self.PARTS]
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B, L, H, D], k and v [B, L, Hkv, D], RoPE applied to q and k."""
+        norm, q_proj, k_proj, v_proj = self._parts()[:4]
+        B, L, _ = x.shape
+        h = norm(x)
+        q = q_proj(h).view(B, L, self.num_heads, self.head_dim)
+        k = k_proj(h).view(B, L, self.num_kv_heads, self.head_dim)
+        v = v_proj(h).view(B, L, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The residual stream after this layer, given the attention output [B, L, H, D]."""
+        o_proj, norm, gate, up, down = self._parts()[4:]
+        x = x + o_proj(attn_out.reshape(*x.shape[:2], -1))
+        return x + swiglu(norm(x), gate, up, down)

@@ -1,0 +1,177 @@
+"""Loading checkpoints (safetensors only) and merging PEFT LoRA adapters into them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import ModelConfig
+from .decoder import DiffusionLM
+from .dream import DreamModel
+from .llada import LLaDAModel
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or adapter whose content does not fit the model."""
+
+
+def model_for_config(config: ModelConfig) -> DiffusionLM:
+    """An initialised (random) model for ``config``, on the current default device."""
+    return {"llada": LLaDAModel, "dream": DreamModel}[config.arch](config)
+
+
+def _weight_files(folder: str) -> list[str]:
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
+        files = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{INDEX_FILE} lists {os.path.basename(path)}, which is missing from {folder}")
+        return files
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    pickled = [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth"))]
+    hint = f" (found {', '.join(sorted(pickled))}: only safetensors weights are loaded, never pickle)" if pickled else ""
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _get(f, path: str, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from None
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, nn.Parameter(value))
+
+
+def load_model(folder: str, dtype: torch.dtype = torch.float32, device="cpu") -> DiffusionLM:
+    """The LLaDA or Dream model of a checkpoint folder (config.json + model.safetensors, or
+    shards with model.safetensors.index.json), in ``dtype`` on ``device``, in eval mode.
+
+    The module is built on the meta device and each tensor is read, converted and assigned in
+    turn, so that peak memory stays near one copy of the weights.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    config = ModelConfig.from_file(folder)
+    files = _weight_files(folder)
+    with torch.device("meta"):
+        model = model_for_config(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # Tied checkpoints may still carry the head; it is the embedding, so it is not needed.
+    ignored = {"lm_head.weight"} if config.arch == "dream" and config.tie_word_embeddings else set()
+    seen: set[str] = set()
+    for path in files:
+        with _open(path) as f:
+            for name in f.keys():
+                if name in ignored:
+                    continue
+                if name not in expected:
+                    raise CheckpointError(f"unexpected tensor {name!r} in {path}: not a parameter of "
+                                          f"this {config.arch} model")
+                if name in seen:
+                    raise CheckpointError(f"tensor {name!r} appears twice (again in {path})")
+                t = _get(f, path, name)
+                if tuple(t.shape) != expected[name]:
+                    raise CheckpointError(f"tensor {name!r} in {path} has shape {tuple(t.shape)}, but "
+                                          f"config.json implies {expected[name]}")
+                _assign(model, name, t.to(device=device, dtype=dtype))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint {folder} lacks tensors: {shown}")
+    return model.eval()
+
+
+def _from_pattern(patterns: dict, module: str, default):
+    # PEFT's per-module overrides: a key matches a module path that ends with it.
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_adapter(folder: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    config_path = os.path.join(folder, ADAPTER_CONFIG)
+    weights_path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {folder}")
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {folder} (only safetensors adapters are loaded)")
+    with open(config_path, encoding="utf-8") as f:
+        acfg = json.load(f)
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"adapter type {acfg.get('peft_type')!r} is not supported (LoRA only)")
+    for option in ("use_dora", "lora_bias", "modules_to_save"):
+        if acfg.get(option):
+            raise CheckpointError(f"adapter option {option}={acfg[option]!r} is not supported")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with _open(weights_path) as f:
+        for key in f.keys():
+            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            if m is None:
+                raise CheckpointError(f"adapter tensor {key!r} is not a LoRA A/B weight")
+            pairs.setdefault(m[1], {})[m[2]] = _get(f, weights_path, key)
+    return acfg, pairs
+
+
+def load_adapter(model: DiffusionLM, folder: str) -> DiffusionLM:
+    """Merge a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into the
+    model's weights in place: W += scale * B @ A, scale = lora_alpha / r (/ sqrt(r) with
+    use_rslora). Everything is checked before any weight changes."""
+    folder = os.fspath(folder)
+    acfg, pairs = _read_adapter(folder)
+    modules = dict(model.named_modules())
+    plan = []
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"adapter for {name!r} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise CheckpointError(f"adapter targets {name!r}, which this {model.config.arch} model does "
+                                  f"not have as a linear layer (an adapter for another base model?)")
+        a, b = ab["A"], ab["B"]
+        r = int(_from_pattern(acfg.get("rank_pattern"), name, acfg["r"]))
+        if a.shape != (r, module.in_features) or b.shape != (module.out_features, r):
+            raise CheckpointError(
+                f"adapter for {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, but the layer is "
+                f"{module.out_features}x{module.in_features} with r={r} (an adapter for another base model?)")
+        alpha = float(_from_pattern(acfg.get("alpha_pattern"), name, acfg["lora_alpha"]))
+        plan.append((module, a, b, alpha / (math.sqrt(r) if acfg.get("use_rslora") else r)))
+    # fan_in_fan_out only describes Conv1D-style [in, out] base weights; every target here is an
+    # nn.Linear [out, in], which B @ A already matches (PEFT itself forces the flag off for Linear).
+    with torch.no_grad():
+        for module, a, b, scale in plan:
+            w = module.weight
+            delta = (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)) * scale
+            w.copy_((w.float() + delta).to(w.dtype))
+    return model
