@@ -12,3 +12,51 @@ def device(request):
     if request.param == "cuda" and not _cuda_ok():
         pytest.skip("no CUDA device")
     return torch.device(request.param)
+
+
+# --- model checkpoints (built once per session) ---------------------------------------------
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+CONFORMANCE_DIR = pathlib.Path(__file__).parent / "data" / "conformance"
+
+
+def conformance_case(name: str) -> dict:
+    """A conformance case (llada, dream) from tests/data/conformance."""
+    with open(CONFORMANCE_DIR / f"{name}.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def conformance_checkpoint(tmp_path_factory):
+    """get(name) -> (folder, case): the case's model written as sharded safetensors, once."""
+    from d2f_ext.models.tiny import write_conformance_checkpoint
+
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            case = conformance_case(name)
+            folder = tmp_path_factory.mktemp(f"conformance_{name}")
+            built[name] = (str(write_conformance_checkpoint(str(folder), case)), case)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """get(arch, **options) -> folder: a tiny checkpoint (see models.tiny), once per options."""
+    from d2f_ext.models.tiny import write_tiny_checkpoint
+
+    built = {}
+
+    def get(arch: str = "llada", **options):
+        key = (arch, tuple(sorted(options.items())))
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"tiny_{arch}")
+            built[key] = write_tiny_checkpoint(str(folder), arch=arch, **options)
+        return built[key]
+
+    return get
