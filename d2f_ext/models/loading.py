@@ -48,7 +48,9 @@ def _weight_files(folder: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     pickled = [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth"))]
-    hint = f" (found {', '.join(sorted(pickled))}: only safetensors weights are loaded, never pickle)" if pickled else ""
+    hint = ""
+    if pickled:
+        hint = f" (found {', '.join(sorted(pickled))}: only safetensors weights are loaded, never pickle)"
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
 
 
