@@ -87,6 +87,7 @@ class DiffusionLM(nn.Module):
         in every layer; cache_lens itself is left for the caller to advance. cache_rows: the
         cache row of each batch row (default b). attn: a module with ``attention`` and
         ``store_kv`` (default :mod:`d2f_ext.ops`; :mod:`d2f_ext.reference` for plain PyTorch).
+        Inference only: runs without autograd.
         """
         if attn is None:
             from .. import ops as attn

@@ -57,6 +57,7 @@ class DecoderLayer(nn.Module):
         self.head_dim = config.head_dim
 
     def _parts(self) -> list[nn.Module]:
+        # Looked up on every call, never cached: PEFT swaps the linear layers for LoRA wrappers.
         return [self.get_submodule(p) for p in self.PARTS]
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
