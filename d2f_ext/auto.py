@@ -1,0 +1,31 @@
+"""AutoD2FModel: load a LLaDA or Dream checkpoint folder (optionally a D2F LoRA adapter merged on
+top) with d2f_ext's own model code, its tokenizer attached and ``generate`` decoding with D2F."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+from .generate import patch
+from .models import load_adapter, load_model
+
+
+def load_tokenizer(folder: Union[str, os.PathLike]):
+    """transformers' AutoTokenizer from the checkpoint folder, or None when it ships none."""
+    if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
+
+
+class AutoD2FModel:
+    @staticmethod
+    def from_pretrained(path: Union[str, os.PathLike], adapter: Optional[Union[str, os.PathLike]] = None,
+                        dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
+        model = load_model(path, dtype=dtype, device=device)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        model.tokenizer = load_tokenizer(path)
+        return patch(model)

@@ -1,0 +1,63 @@
+"""D2FConfig: the decoding parameters, with the D2F authors' names, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from . import layout as L
+
+
+@dataclasses.dataclass(frozen=True)
+class D2FConfig:
+    """Parameters of pipelined D2F decoding (names as in the paper's code).
+
+    block_size: tokens per generation block. block_add_threshold: decoded fraction of the
+    newest block at which the next block is appended (1.0 = one block at a time, Fast-dLLM
+    style). decoded_token_threshold: decoded fraction of block i at which block i+1 becomes
+    fully activated. skip_threshold: a masked position is decoded when its probability is
+    strictly above it. sampling_strategy: confidence of the forced single pick ("default",
+    "margin_confidence", "neg_entropy"). max_new_tokens: at most max_new_tokens // block_size
+    blocks. temperature 0 is greedy; top_k / top_p filter before the softmax.
+    """
+
+    block_size: int = 32
+    block_add_threshold: float = 0.1
+    decoded_token_threshold: float = 0.95
+    skip_threshold: float = 0.9
+    sampling_strategy: str = "default"
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        for name in ("block_add_threshold", "decoded_token_threshold", "skip_threshold"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if self.sampling_strategy not in L.CONFIDENCES:
+            raise ValueError(f"sampling_strategy must be one of {sorted(L.CONFIDENCES)}, "
+                             f"got {self.sampling_strategy!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < self.block_size:
+            raise ValueError(f"max_new_tokens must be an integer >= block_size ({self.block_size}), "
+                             f"got {self.max_new_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer or None, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def max_blocks(self) -> int:
+        return self.max_new_tokens // self.block_size
+
+    @classmethod
+    def fast_dllm(cls, **kwargs) -> "D2FConfig":
+        """One block at a time with threshold decoding: D2F with block_add_threshold = 1."""
+        return cls(**{**kwargs, "block_add_threshold": 1.0})

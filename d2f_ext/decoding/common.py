@@ -1,0 +1,56 @@
+"""What every decoder takes and returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class DecodeOutput:
+    """generated: int64 [B, max_new_tokens], every position the decoder wrote after the prompt
+    (positions it never reached keep the mask id; an engine may stop after the first EOS).
+    forwards: int64 [B], model forwards each row took."""
+
+    generated: torch.Tensor
+    forwards: torch.Tensor
+
+    def tokens_before_eos(self, eos_id: int) -> list[list[int]]:
+        out = []
+        for row in self.generated.tolist():
+            out.append(row[: row.index(eos_id)] if eos_id in row else row)
+        return out
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], mask_id: int, vocab: int,
+                  max_len: int, max_new_tokens: int) -> list[list[int]]:
+    """Prompts as lists of real token ids (no padding), validated."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("input_ids: at least one prompt is needed")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"input_ids: prompt {i} is empty")
+        if mask_id in p:
+            raise ValueError(f"input_ids: prompt {i} contains the mask token id {mask_id}")
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input_ids: prompt {i} has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(p) + max_new_tokens > max_len:
+            raise ValueError(f"input_ids: prompt {i} of {len(p)} tokens + max_new_tokens "
+                             f"{max_new_tokens} exceeds the model's context of {max_len}")
+    return prompts
+
+
+def split_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """Real tokens of each row of a (left- or right-) padded batch."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D [batch, length], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return input_ids.tolist()
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    return [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]

@@ -1,0 +1,129 @@
+"""Kernel benchmark: d2f_ext ops against what a user would write in plain PyTorch, in one run.
+
+attention: d2f_ext.ops.attention vs torch SDPA fed with torch.cat(cache, window) and an explicit
+  block-causal boolean mask (LLaDA-8B per-layer shapes: 32 heads, head_dim 128).
+unmask:    d2f_ext.ops.unmask vs torch softmax + max + threshold at the LLaDA and Dream vocabularies.
+Prints a table of ratios (torch time / d2f_ext time; > 1 means d2f_ext is faster) and writes JSON
+and a plot.   python python/bench_kernels.py [--small] [--device cuda] [--out results/kernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+from bench_common import environment, interleaved, write_json
+
+from d2f_ext import ops
+
+
+def attention_case(B, W, cache, H, Hkv, D, block, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    q, k, v = mk(B, W, H, D), mk(B, W, Hkv, D), mk(B, W, Hkv, D)
+    kc, vc = mk(B, cache, Hkv, D), mk(B, cache, Hkv, D)
+    lens = torch.full((B,), cache, dtype=torch.int32, device=device)
+    bids = (torch.arange(W, device=device) // block).to(torch.int32).expand(B, W).contiguous()
+    bid = bids[0]
+    mask = torch.cat([torch.ones(W, cache, dtype=torch.bool, device=device), bid[None, :] <= bid[:, None]], 1)
+
+    def ours():
+        return ops.attention(q, k, v, kc, vc, lens, bids)
+
+    def sdpa():
+        keys = torch.cat([kc, k], 1).transpose(1, 2)
+        vals = torch.cat([vc, v], 1).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask,
+                                              enable_gqa=H != Hkv).transpose(1, 2)
+
+    err = (ours().float() - sdpa().float()).abs().max().item()
+    return {"ours": ours, "torch_sdpa": sdpa}, err
+
+
+def unmask_case(B, W, V, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(B, W, V, generator=g) * 4).to(device=device, dtype=dtype)
+    mask_id = V - 1
+    tokens = torch.full((B, W), mask_id, dtype=torch.long, device=device)
+    bids = torch.zeros(B, W, dtype=torch.int32, device=device)
+    full = torch.ones(B, 1, dtype=torch.int32, device=device)
+
+    def ours():
+        return ops.unmask(logits, tokens.clone(), bids, full, mask_id, threshold=0.9)
+
+    def torch_path():
+        t = tokens.clone()
+        masked = t == mask_id
+        p, tok = torch.softmax(logits.float(), -1).max(-1)
+        decode = masked & (p > 0.9)
+        return torch.where(decode, tok, t)
+
+    return {"ours": ours, "torch": torch_path}, 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="a few small shapes (smoke run)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--out", default="results/kernels")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtypes = [torch.float32, torch.bfloat16]
+    if a.small:
+        att_shapes = [(1, 32, 256, 8, 8, 64, 16)]
+        um_shapes = [(1, 32, 32000)]
+    else:
+        att_shapes = [(1, W, c, 32, 32, 128, 32) for W in (32, 64, 128) for c in (256, 1024, 4096)]
+        um_shapes = [(B, W, V) for V in (126464, 151936) for B in (1, 8) for W in (32, 128)]
+    rows = []
+    print(f"{'op':9} {'dtype':9} {'shape':44} {'ours ms':>9} {'torch ms':>9} {'ratio':>6}")
+    for dtype in dtypes:
+        for (B, W, c, H, Hkv, D, blk) in att_shapes:
+            fns, err = attention_case(B, W, c, H, Hkv, D, blk, dtype, a.device)
+            t = interleaved(fns, repeat=a.repeat, device=a.device)
+            rows.append(dict(op="attention", dtype=str(dtype)[6:], B=B, W=W, cache=c, heads=H, kv_heads=Hkv,
+                             head_dim=D, block=blk, ours_ms=t["ours"] * 1e3, torch_ms=t["torch_sdpa"] * 1e3,
+                             ratio=t["torch_sdpa"] / t["ours"], max_abs_diff=err))
+        for (B, W, V) in um_shapes:
+            fns, _ = unmask_case(B, W, V, dtype, a.device)
+            t = interleaved(fns, repeat=a.repeat, device=a.device)
+            rows.append(dict(op="unmask", dtype=str(dtype)[6:], B=B, W=W, vocab=V, ours_ms=t["ours"] * 1e3,
+                             torch_ms=t["torch"] * 1e3, ratio=t["torch"] / t["ours"]))
+    for r in rows:
+        shape = (f"B={r['B']} W={r['W']} cache={r['cache']} H={r['heads']} D={r['head_dim']}" if r["op"] == "attention"
+                 else f"B={r['B']} W={r['W']} V={r['vocab']}")
+        print(f"{r['op']:9} {r['dtype']:9} {shape:44} {r['ours_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:6.2f}")
+    for op in ("attention", "unmask"):
+        ratios = [r["ratio"] for r in rows if r["op"] == op]
+        print(f"{op}: ratio min {min(ratios):.2f}, median {sorted(ratios)[len(ratios) // 2]:.2f}, max {max(ratios):.2f}")
+    write_json(os.path.join(a.out, "kernels.json"), {"env": environment(), "rows": rows})
+    plot(rows, os.path.join(a.out, "kernels.png"))
+    print(f"wrote {a.out}/kernels.json and kernels.png")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, op in zip(axes, ("attention", "unmask")):
+        sel = [r for r in rows if r["op"] == op]
+        labels = [(f"{r['dtype'][:4]} W{r['W']} c{r['cache']}" if op == "attention"
+                   else f"{r['dtype'][:4]} B{r['B']} W{r['W']} V{r['vocab'] // 1000}k") for r in sel]
+        ax.bar(range(len(sel)), [r["ratio"] for r in sel])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(sel)), labels, rotation=70, fontsize=7)
+        ax.set_ylabel("torch time / d2f_ext time")
+        ax.set_title(op)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
