@@ -1,0 +1,64 @@
+"""The D2F authors' own loop's outputs (tests/data/conformance): both decode paths, each row alone
+and each parameter set as one left-padded batch, must give the same tokens before the first EOS,
+and the same forwards (no more where an EOS was decoded)."""
+
+import pytest
+import torch
+
+from d2f_ext import D2FConfig, patch
+from d2f_ext.decoding import d2f_decode, reference_decode
+from d2f_ext.models import load_model
+
+CASES = ["llada", "dream"]
+
+
+@pytest.fixture(scope="module", params=CASES)
+def conformance(request, conformance_checkpoint):
+    folder, case = conformance_checkpoint(request.param)
+    return patch(load_model(folder)), case
+
+
+def _param_sets(case):
+    groups = {}
+    for run in case["d2f_runs"]:
+        key = (tuple(sorted(run["params"].items())), run["max_new_tokens"])
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def _config(run):
+    return D2FConfig(max_new_tokens=run["max_new_tokens"], **run["params"])
+
+
+def _check(run, tokens, forwards):
+    assert tokens == run["tokens_before_eos"]
+    if run["eos"]:
+        assert forwards <= run["forwards"]
+    else:
+        assert forwards == run["forwards"]
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_each_row_alone(conformance, path):
+    model, case = conformance
+    decode = d2f_decode if path == "kernel" else reference_decode
+    for run in case["d2f_runs"]:
+        out = decode(model, [run["prompt"]], _config(run))
+        _check(run, out.tokens_before_eos(model.config.eos_token_id)[0], int(out.forwards[0]))
+
+
+@pytest.mark.parametrize("decoder", ["d2f", "reference"])
+def test_each_parameter_set_as_one_left_padded_batch(conformance, decoder):
+    model, case = conformance
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    for runs in _param_sets(case):
+        width = max(len(r["prompt"]) for r in runs)
+        ids = torch.tensor([[pad] * (width - len(r["prompt"])) + r["prompt"] for r in runs])
+        mask = torch.tensor([[0] * (width - len(r["prompt"])) + [1] * len(r["prompt"]) for r in runs])
+        out = model.generate(ids, attention_mask=mask, decoder=decoder, return_dict_in_generate=True,
+                             max_new_tokens=runs[0]["max_new_tokens"], **runs[0]["params"])
+        for i, run in enumerate(runs):
+            new = out.sequences[i, width:].tolist()
+            n = int(out.new_tokens[i])
+            assert new[n:] == ([eos] + [pad] * (len(new) - n - 1) if run["eos"] else [pad] * (len(new) - n))
+            _check(run, new[:n], int(out.forwards[i]))

@@ -1,0 +1,159 @@
+"""D2F on the kernels against the plain-PyTorch reference loop, batching, EOS and bad input."""
+
+import random
+
+import pytest
+import torch
+
+from d2f_ext import D2FConfig, ops, reference
+from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode
+from d2f_ext.models import load_model
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def model(request, tiny_checkpoint):
+    return load_model(tiny_checkpoint(request.param, seed=3))
+
+
+def _prompts(model, n, seed):
+    rng = random.Random(seed)
+    vocab = [t for t in range(model.config.vocab_size)
+             if t not in (model.config.mask_token_id, model.config.eos_token_id)]
+    return [[rng.choice(vocab) for _ in range(rng.randint(1, 12))] for _ in range(n)]
+
+
+CONFIGS = [
+    D2FConfig(block_size=4, block_add_threshold=0.25, decoded_token_threshold=0.9, skip_threshold=0.5, max_new_tokens=24),
+    D2FConfig(block_size=8, block_add_threshold=0.1, decoded_token_threshold=0.95, skip_threshold=0.3,
+              sampling_strategy="margin_confidence", max_new_tokens=32),
+    D2FConfig(block_size=5, block_add_threshold=0.2, decoded_token_threshold=0.6, skip_threshold=0.4,
+              sampling_strategy="neg_entropy", max_new_tokens=27),
+    D2FConfig.fast_dllm(block_size=4, skip_threshold=0.5, max_new_tokens=16),
+]
+
+
+class UnmaskSpy:
+    """Wraps ops.unmask to record which of the spec's decode rules fired."""
+
+    def __init__(self, monkeypatch):
+        self.threshold = self.forced = self.pipelined = 0
+        self.inner = ops.unmask
+        monkeypatch.setattr(ops, "unmask", self)
+
+    def __call__(self, logits, tokens, block_ids, full, mask_id, **kw):
+        rows = logits if kw.get("prev_logits") is None else torch.cat([kw["prev_logits"][:, None], logits[:, :-1]], 1)
+        _, p, _ = reference.token_stats(rows, 0.0, 0)
+        masked = (tokens == mask_id) & (block_ids >= 0)
+        over = masked & (p > torch.tensor(kw["threshold"], dtype=torch.float32))
+        counts, eos = self.inner(logits, tokens, block_ids, full, mask_id, **kw)
+        for b in range(tokens.shape[0]):
+            blocks = torch.unique(block_ids[b][masked[b]]).tolist()
+            self.pipelined += sum(int(counts[b, k]) > 0 for k in blocks) >= 2
+            for k in blocks:
+                in_k = block_ids[b] == k
+                self.threshold += bool((over[b] & in_k).any())
+                self.forced += int(counts[b, k]) == 1 and not bool((over[b] & in_k).any())
+        return counts, eos
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"bs{c.block_size}-add{c.block_add_threshold}-{c.sampling_strategy}")
+def test_kernel_path_equals_reference_loop(model, cfg, monkeypatch):
+    prompts = _prompts(model, 3, seed=cfg.block_size)
+    spy = UnmaskSpy(monkeypatch)
+    got = d2f_decode(model, prompts, cfg)
+    want = reference_decode(model, prompts, cfg)
+    eos = model.config.eos_token_id
+    assert got.tokens_before_eos(eos) == want.tokens_before_eos(eos)
+    assert got.forwards.tolist() == want.forwards.tolist()
+    assert spy.threshold > 0 and spy.forced > 0
+    if cfg.block_add_threshold < 1:
+        assert spy.pipelined > 0
+
+
+def test_batch_rows_equal_single_rows(model):
+    cfg = CONFIGS[0]
+    prompts = _prompts(model, 4, seed=11)
+    batch = d2f_decode(model, prompts, cfg)
+    for i, p in enumerate(prompts):
+        alone = d2f_decode(model, [p], cfg)
+        assert batch.generated[i].tolist() == alone.generated[0].tolist()
+        assert int(batch.forwards[i]) == int(alone.forwards[0])
+
+
+def test_sampling_kernel_path_equals_reference_loop(model):
+    cfg = D2FConfig(block_size=4, block_add_threshold=0.5, skip_threshold=0.5, max_new_tokens=16,
+                    temperature=0.8, top_k=20, top_p=0.95, seed=5)
+    prompt = _prompts(model, 1, seed=2)
+    got, want = d2f_decode(model, prompt, cfg), reference_decode(model, prompt, cfg)
+    assert got.generated.tolist() == want.generated.tolist()
+    other = d2f_decode(model, prompt, D2FConfig(**{**cfg.__dict__, "seed": 6}))
+    assert other.generated.tolist() != got.generated.tolist()
+
+
+def test_eos_stops_new_blocks_and_ends_the_row(model):
+    """An EOS id that the model decodes early: the row stops adding blocks, and finishes as soon
+    as everything before the EOS is decoded."""
+    cfg = CONFIGS[0]
+    prompt = _prompts(model, 1, seed=4)
+    free = d2f_decode(model, prompt, cfg, eos_id=-1)
+    first = int(free.generated[0, 0])
+    out = d2f_decode(model, prompt, cfg, eos_id=first)
+    ref = reference_decode(model, prompt, cfg, eos_id=first)
+    assert out.tokens_before_eos(first) == ref.tokens_before_eos(first) == [[]]
+    assert int(out.forwards[0]) <= int(free.forwards[0])
+    blocks_decoded = (out.generated[0] != model.config.mask_token_id).sum().item()
+    assert blocks_decoded < free.generated.shape[1]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([[1, 2, None]], "mask token"),
+    ([[]], "empty"),
+    ([[10 ** 7]], "vocabulary"),
+    ([[1] * 600], "context"),
+])
+def test_bad_prompts(model, bad, match):
+    if bad[0] and bad[0][-1] is None:
+        bad = [[1, 2, model.config.mask_token_id]]
+    with pytest.raises(ValueError, match=match):
+        d2f_decode(model, bad, CONFIGS[0])
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(block_size=0), "block_size"), (dict(skip_threshold=1.5), "skip_threshold"),
+    (dict(block_add_threshold=-0.1), "block_add_threshold"),
+    (dict(decoded_token_threshold=2.0), "decoded_token_threshold"),
+    (dict(sampling_strategy="nope"), "sampling_strategy"), (dict(max_new_tokens=3, block_size=4), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+])
+def test_config_rejects_bad_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        D2FConfig(**kwargs)
+
+
+def test_vanilla_decodes_every_position_in_fixed_steps(model):
+    prompts = _prompts(model, 2, seed=9)
+    out = vanilla_decode(model, prompts, max_new_tokens=16, block_size=8, steps=8)
+    assert not (out.generated == model.config.mask_token_id).any()
+    assert out.forwards.tolist() == [8, 8]
+    alone = vanilla_decode(model, prompts[1:], max_new_tokens=16, block_size=8, steps=8)
+    assert alone.generated[0].tolist() == out.generated[1].tolist()
+    with pytest.raises(ValueError, match="steps"):
+        vanilla_decode(model, prompts, max_new_tokens=16, block_size=8, steps=3)
+
+
+def test_finished_rows_leave_the_batch(model, monkeypatch):
+    """A row that finished costs no compute: later forwards run over the live rows only."""
+    cfg = CONFIGS[0]
+    prompts = _prompts(model, 3, seed=21)
+    batch_sizes = []
+    inner = model.forward_window
+
+    def spy(input_ids, *a, **kw):
+        batch_sizes.append(input_ids.shape[0])
+        return inner(input_ids, *a, **kw)
+
+    monkeypatch.setattr(model, "forward_window", spy)
+    out = d2f_decode(model, prompts, cfg)
+    assert len(batch_sizes) == int(out.forwards.max())
+    for step, size in enumerate(batch_sizes):
+        assert size == int((out.forwards > step).sum())

@@ -1,0 +1,119 @@
+"""The drop-in generate: HF semantics, streaming, the CLI, on tiny checkpoints in real formats."""
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+from transformers import GenerationConfig, TextStreamer
+
+from d2f_ext import AutoD2FModel, cli
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return AutoD2FModel.from_pretrained(tiny_checkpoint("llada", seed=5))
+
+
+KW = dict(block_size=4, block_add_threshold=0.25, decoded_token_threshold=0.9, skip_threshold=0.5)
+
+
+def _encode(model, texts):
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def test_returns_prompt_then_tokens_through_eos_then_pad(model):
+    enc = _encode(model, ["what is two plus three ?", "the cat"])
+    out = model.generate(**enc, max_new_tokens=16, return_dict_in_generate=True, **KW)
+    seq = out.sequences
+    width = enc["input_ids"].shape[1]
+    assert torch.equal(seq[:, :width], enc["input_ids"])
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    for i in range(2):
+        new = seq[i, width:].tolist()
+        n = int(out.new_tokens[i])
+        assert model.config.mask_token_id not in new[:n] and eos not in new[:n]
+        if n < len(new):
+            assert new[n] in (eos, pad) and all(t == pad for t in new[n + 1:])
+        assert float(out.tokens_per_forward[i]) == pytest.approx(n / int(out.forwards[i]))
+    plain = model.generate(**enc, max_new_tokens=16, **KW)
+    assert torch.equal(plain, seq)
+
+
+def test_left_padded_batch_rows_equal_single_runs(model):
+    texts = ["what is two plus three ?", "the cat", "one two three four five six"]
+    enc = _encode(model, texts)
+    batch = model.generate(**enc, max_new_tokens=16, **KW)
+    width = enc["input_ids"].shape[1]
+    for i, text in enumerate(texts):
+        alone_enc = _encode(model, [text])
+        alone = model.generate(**alone_enc, max_new_tokens=16, **KW)
+        got = batch[i, width:].tolist()
+        want = alone[0, alone_enc["input_ids"].shape[1]:].tolist()
+        assert got[: len(want)] == want
+
+
+def test_generation_config_and_eos_override(model):
+    enc = _encode(model, ["the dog"])
+    base = model.generate(**enc, max_new_tokens=16, **KW)
+    width = enc["input_ids"].shape[1]
+    first = int(base[0, width])
+    gc = GenerationConfig(max_new_tokens=16, eos_token_id=first, pad_token_id=0, do_sample=False)
+    out = model.generate(**enc, generation_config=gc, **KW)
+    assert out.shape[1] == width + 1 and int(out[0, width]) == first
+
+
+def test_streamer_prints_the_returned_text(model):
+    enc = _encode(model, ["the moon and the sun"])
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        out = model.generate(**enc, max_new_tokens=24, streamer=TextStreamer(model.tokenizer, skip_prompt=True,
+                                                                              skip_special_tokens=True), **KW)
+    text = model.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert buf.getvalue().strip() == text.strip() and text.strip()
+
+
+def test_chat_template_prompt(model):
+    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": "what is one plus one ?"}],
+                                              add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    out = model.generate(ids, max_new_tokens=8, **KW)
+    assert out.shape[0] == 1 and out.shape[1] > ids.shape[1]
+
+
+@pytest.mark.parametrize("decoder", ["fast-dllm", "vanilla", "reference"])
+def test_other_decoders(model, decoder):
+    enc = _encode(model, ["the bird"])
+    kw = dict(block_size=4) if decoder == "vanilla" else KW
+    out = model.generate(**enc, max_new_tokens=8, decoder=decoder, return_dict_in_generate=True, **kw)
+    assert out.sequences.shape[1] >= enc["input_ids"].shape[1]
+    if decoder == "reference":
+        d2f = model.generate(**enc, max_new_tokens=8, **KW)
+        assert torch.equal(d2f, out.sequences)
+
+
+def test_bad_arguments(model):
+    enc = _encode(model, ["the bird"])
+    with pytest.raises(TypeError, match="nonsense"):
+        model.generate(**enc, max_new_tokens=8, nonsense=1)
+    with pytest.raises(ValueError, match="decoder"):
+        model.generate(**enc, max_new_tokens=8, decoder="beam")
+    with pytest.raises(ValueError, match="skip_threshold"):
+        model.generate(**enc, max_new_tokens=8, skip_threshold=2.0)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(enc["input_ids"][0], max_new_tokens=8)
+
+
+def test_cli_end_to_end(tiny_checkpoint, tmp_path):
+    folder = tiny_checkpoint("dream", seed=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\nwhat is two plus two ?\n")
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        assert cli.main(["--model", folder, "--file", str(prompts), "--max-new-tokens", "16", "--block-size", "4",
+                         "--skip-threshold", "0.5"]) == 0
+    assert len(out.getvalue().splitlines()) >= 2
+    stats = err.getvalue()
+    assert "new_tokens=" in stats and "forwards=" in stats and "tokens_per_s=" in stats
