@@ -1,0 +1,150 @@
+// torch op `d2f_ext::pipeline_step` and the host class `torch.classes.d2f_ext.BlockPipeline`
+// that owns one batch's pipeline state tensors (layout: csrc/kernels/params.h).
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+
+#if defined(D2F_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "kernels/kernels.h"
+
+namespace {
+
+void check_int32(const at::Tensor& t, const char* name, const char* shape, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, "pipeline_step: ", name, " must be ", dim, "-D ", shape, ", got ",
+              t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == at::kInt, "pipeline_step: ", name, " must be int32, got ",
+              t.scalar_type());
+}
+
+void check_threshold(double v, const char* name) {
+  TORCH_CHECK(v >= 0.0 && v <= 1.0, "pipeline_step: ", name, " must be in [0, 1], got ", v);
+}
+
+void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::Tensor& counts,
+                   const at::Tensor& eos_block, int64_t block_size, double add_threshold,
+                   double activate_threshold) {
+  check_int32(rows, "rows", "[B, 9]", 2);
+  check_int32(blocks, "blocks", "[B, 5, NB]", 3);
+  check_int32(counts, "counts", "[B, NB]", 2);
+  check_int32(eos_block, "eos_block", "[B]", 1);
+  const int64_t B = rows.size(0), NB = blocks.size(2);
+  TORCH_CHECK(rows.size(1) == d2f::kNumRowFields, "pipeline_step: rows must be [B, ",
+              int(d2f::kNumRowFields), "], got ", rows.sizes());
+  TORCH_CHECK(blocks.size(0) == B && blocks.size(1) == d2f::kNumBlockFields && NB >= 1,
+              "pipeline_step: blocks must be [B, ", int(d2f::kNumBlockFields),
+              ", NB] with B = rows.size(0) = ", B, " and NB >= 1, got ", blocks.sizes());
+  TORCH_CHECK(counts.size(0) == B && counts.size(1) == NB, "pipeline_step: counts must be [B, NB] = [",
+              B, ", ", NB, "], got ", counts.sizes());
+  TORCH_CHECK(eos_block.size(0) == B, "pipeline_step: eos_block must be [B] = [", B, "], got ",
+              eos_block.sizes());
+  // The state is updated in place, so a copy made here would silently drop the update.
+  TORCH_CHECK(rows.is_contiguous(), "pipeline_step: rows must be contiguous");
+  TORCH_CHECK(blocks.is_contiguous(), "pipeline_step: blocks must be contiguous");
+  TORCH_CHECK(blocks.device() == rows.device() && counts.device() == rows.device() &&
+                  eos_block.device() == rows.device(),
+              "pipeline_step: rows, blocks, counts and eos_block must be on one device, got ",
+              rows.device(), ", ", blocks.device(), ", ", counts.device(), ", ", eos_block.device());
+  TORCH_CHECK(block_size > 0, "pipeline_step: block_size must be > 0, got ", block_size);
+  check_threshold(add_threshold, "add_threshold");
+  check_threshold(activate_threshold, "activate_threshold");
+  TORCH_CHECK(B <= INT32_MAX && NB <= INT32_MAX && block_size <= INT32_MAX,
+              "pipeline_step: rows, blocks or block_size too large for int32 indexing");
+
+  const at::Tensor counts_c = counts.contiguous();
+  const at::Tensor eos_c = eos_block.contiguous();
+  d2f::PipelineParams p{};
+  p.rows = rows.data_ptr<int32_t>();
+  p.blocks = blocks.data_ptr<int32_t>();
+  p.counts = counts_c.data_ptr<int32_t>();
+  p.eos_block = eos_c.data_ptr<int32_t>();
+  p.batch = static_cast<int>(B);
+  p.num_blocks = static_cast<int>(NB);
+  p.block_size = static_cast<int>(block_size);
+  p.add_threshold = add_threshold;
+  p.activate_threshold = activate_threshold;
+  if (rows.is_cpu()) {
+    d2f::pipeline_step_cpu(p);
+    return;
+  }
+#if defined(D2F_WITH_CUDA)
+  TORCH_CHECK(rows.is_cuda(), "pipeline_step: rows must be on CPU or CUDA, got ", rows.device());
+  const c10::cuda::CUDAGuard guard(rows.device());
+  d2f::pipeline_step_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+  TORCH_CHECK(false, "pipeline_step: rows must be on CPU (built without CUDA), got ", rows.device());
+#endif
+}
+
+// Owns rows/blocks of one batch on prompt_lens' device. Block 0 is each row's prompt, already
+// decoded and to_cache; the constructor runs the first step so the first window (prompt + block 1)
+// is planned when it returns.
+class BlockPipeline : public torch::CustomClassHolder {
+ public:
+  BlockPipeline(const at::Tensor& prompt_lens, int64_t max_new_tokens, int64_t block_size,
+                double add_threshold, double activate_threshold)
+      : block_size_(block_size), add_threshold_(add_threshold), activate_threshold_(activate_threshold) {
+    TORCH_CHECK(prompt_lens.dim() == 1 && prompt_lens.scalar_type() == at::kInt,
+                "BlockPipeline: prompt_lens must be int32 [B], got ", prompt_lens.scalar_type(), " ",
+                prompt_lens.sizes());
+    TORCH_CHECK(block_size > 0, "BlockPipeline: block_size must be > 0, got ", block_size);
+    TORCH_CHECK(max_new_tokens >= block_size, "BlockPipeline: max_new_tokens must be >= block_size = ",
+                block_size, ", got ", max_new_tokens);
+    TORCH_CHECK(add_threshold >= 0.0 && add_threshold <= 1.0,
+                "BlockPipeline: block_add_threshold must be in [0, 1], got ", add_threshold);
+    TORCH_CHECK(activate_threshold >= 0.0 && activate_threshold <= 1.0,
+                "BlockPipeline: decoded_token_threshold must be in [0, 1], got ", activate_threshold);
+    const int64_t B = prompt_lens.size(0);
+    TORCH_CHECK(B == 0 || prompt_lens.min().item<int32_t>() >= 1,
+                "BlockPipeline: prompt_lens must all be >= 1");
+    const int64_t NB = 1 + max_new_tokens / block_size;
+    const auto opts = prompt_lens.options();
+    rows_ = at::zeros({B, d2f::kNumRowFields}, opts);
+    rows_.select(1, d2f::kNumBlocks).fill_(1);
+    rows_.select(1, d2f::kEosBlock).fill_(-1);
+    rows_.select(1, d2f::kPromptLen).copy_(prompt_lens);
+    blocks_ = at::zeros({B, d2f::kNumBlockFields, NB}, opts);
+    blocks_.select(1, d2f::kLen).select(1, 0).copy_(prompt_lens);
+    blocks_.select(1, d2f::kState).select(1, 0).fill_(d2f::kToCache);
+    blocks_.select(1, d2f::kFull).select(1, 0).fill_(1);
+    step(at::zeros({B, NB}, opts), at::full({B}, -1, opts));
+  }
+
+  void step(const at::Tensor& counts, const at::Tensor& eos_block) {
+    pipeline_step(rows_, blocks_, counts, eos_block, block_size_, add_threshold_, activate_threshold_);
+  }
+  // Live views of the state: the next step() updates them in place.
+  at::Tensor rows() const { return rows_; }
+  at::Tensor blocks() const { return blocks_; }
+  bool finished() const { return rows_.select(1, d2f::kFinished).all().item<bool>(); }
+  int64_t num_blocks_max() const { return blocks_.size(2); }
+
+ private:
+  at::Tensor rows_, blocks_;
+  int64_t block_size_;
+  double add_threshold_, activate_threshold_;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(d2f_ext, CPU, m) { m.impl("pipeline_step", &pipeline_step); }
+
+#if defined(D2F_WITH_CUDA)
+TORCH_LIBRARY_IMPL(d2f_ext, CUDA, m) { m.impl("pipeline_step", &pipeline_step); }
+#endif
+
+TORCH_LIBRARY_FRAGMENT(d2f_ext, m) {
+  m.class_<BlockPipeline>("BlockPipeline")
+      .def(torch::init<at::Tensor, int64_t, int64_t, double, double>())
+      .def("step", &BlockPipeline::step)
+      .def("rows", &BlockPipeline::rows)
+      .def("blocks", &BlockPipeline::blocks)
+      .def("finished", &BlockPipeline::finished)
+      .def("num_blocks_max", &BlockPipeline::num_blocks_max);
+}
