@@ -16,7 +16,7 @@ from .. import layout as L
 from .. import ops
 from ..config import D2FConfig
 from ..models import KVCache
-from ..pipeline import BlockPipeline
+from ..pipeline import BlockPipeline, window_block_ids
 from .common import DecodeOutput, check_prompts
 
 
@@ -47,26 +47,22 @@ def d2f_decode(model, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *, eos_i
     eos_block = torch.full((B,), -1, dtype=torch.int32, device=device)
     step = 0
     while True:
-        rows = pipe.rows()
+        rows = pipe.rows
         live = torch.nonzero(rows[:, L.FINISHED] == 0)[:, 0]
         if live.numel() == 0:
             break
-        r = rows[live]
-        win_start, win_len = r[:, L.WIN_START], r[:, L.WIN_LEN]
-        W = int(win_len.max())
-        offs = torch.arange(W, device=device, dtype=torch.int32)
-        pos = win_start[:, None] + offs
-        valid = offs[None, :] < win_len[:, None]
-        plen = plens[live][:, None]
-        block_ids = torch.where(valid, torch.where(pos < plen, 0, 1 + (pos - plen) // bs), -1)
-        block_ids = block_ids.to(torch.int32).contiguous()
-        cols = torch.where(valid, pos, seq_len).long()
+        r, blocks = rows[live], pipe.blocks[live]
+        win_start = r[:, L.WIN_START]
+        W = int(r[:, L.WIN_LEN].max())
+        block_ids = window_block_ids(r, blocks, W)
+        pos = win_start[:, None] + torch.arange(W, device=device, dtype=torch.int32)
+        cols = torch.where(block_ids >= 0, pos, seq_len).long()
         tokens = seq[live].gather(1, cols)
         logits = model.forward_window(tokens, pos.long(), block_ids, cache, win_start.contiguous(),
                                       r[:, L.COMMIT_LEN].contiguous(), cache_rows=live.to(torch.int32))
         if mc.logit_shift and prev_logits is None:
             prev_logits = logits.new_zeros(B, logits.shape[-1])
-        c, e = ops.unmask(logits, tokens, block_ids, pipe.blocks()[live, L.FULL], mc.mask_token_id,
+        c, e = ops.unmask(logits, tokens, block_ids, blocks[:, L.FULL], mc.mask_token_id,
                           prev_logits=prev_logits[live] if mc.logit_shift else None,
                           eos_id=-1 if eos is None else eos, threshold=cfg.skip_threshold,
                           temperature=cfg.temperature, sampling_strategy=cfg.sampling_strategy,
@@ -85,8 +81,8 @@ def d2f_decode(model, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *, eos_i
         pipe.step(counts, eos_block)
         step += 1
         if on_step is not None:
-            on_step(_generated(seq, plens, gen_len), pipe.rows())
-    return DecodeOutput(_generated(seq, plens, gen_len), pipe.rows()[:, L.FORWARDS].long())
+            on_step(_generated(seq, plens, gen_len), pipe.rows)
+    return DecodeOutput(_generated(seq, plens, gen_len), pipe.rows[:, L.FORWARDS].long())
 
 
 def _generated(seq: torch.Tensor, plens: torch.Tensor, gen_len: int) -> torch.Tensor:
