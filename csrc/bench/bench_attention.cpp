@@ -131,7 +131,13 @@ double time_cuda(Problem& pb, const bench::Args& args) {
 
 int main(int argc, char** argv) {
   const bench::Args args = bench::parse_args(argc, argv);
-#if !defined(D2F_WITH_CUDA)
+#if defined(D2F_WITH_CUDA)
+  int devices = 0;
+  if (args.cuda && (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)) {
+    std::fprintf(stderr, "--cuda: no CUDA device\n");
+    return 2;
+  }
+#else
   if (args.cuda) {
     std::fprintf(stderr, "built without CUDA: rebuild with -DD2F_WITH_CUDA for --cuda\n");
     return 2;

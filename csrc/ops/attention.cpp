@@ -8,7 +8,8 @@
 #include "ops/checks.h"
 
 #if defined(D2F_WITH_CUDA)
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -129,7 +130,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 #if defined(D2F_WITH_CUDA)
   if (q.is_cuda()) {
     c10::cuda::CUDAGuard guard(q.device());
-    attention_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    attention_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
 #endif
@@ -188,7 +190,8 @@ void store_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
 #if defined(D2F_WITH_CUDA)
   if (k.is_cuda()) {
     c10::cuda::CUDAGuard guard(k.device());
-    store_kv_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    store_kv_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
 #endif
