@@ -1,0 +1,140 @@
+// Shared helpers of the torch-free C++ microbenchmarks: flags, timing, a printed table and a
+// JSON dump of the same rows. Header-only so that each bench stays one source file.
+//
+//   bench::Args args = bench::parse_args(argc, argv);   // --small, --json PATH, --cuda
+//   bench::Table table("attention");
+//   double ms = bench::median_ms([&] { kernel(p); }, args);
+//   table.add("W=32 S=1024", ms, {{"GFLOP/s", flops / ms * 1e-6}});
+//   table.finish(args);
+#pragma once
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace bench {
+
+struct Args {
+  bool small = false;  // a tiny, quick run (CI smoke test)
+  bool cuda = false;   // time the CUDA kernels instead of the CPU ones
+  std::string json;    // write the rows here when non-empty
+  int warmup = 3;
+  int repeats = 15;
+};
+
+inline void usage(const char* prog) {
+  std::fprintf(stderr, "usage: %s [--small] [--cuda] [--json PATH] [--repeats N]\n", prog);
+}
+
+inline Args parse_args(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--small")) {
+      a.small = true;
+    } else if (!std::strcmp(argv[i], "--cuda")) {
+      a.cuda = true;
+    } else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) {
+      a.json = argv[++i];
+    } else if (!std::strcmp(argv[i], "--repeats") && i + 1 < argc) {
+      a.repeats = std::max(1, std::atoi(argv[++i]));
+    } else {
+      usage(argv[0]);
+      std::exit(2);
+    }
+  }
+  if (a.small) {
+    a.warmup = 1;
+    a.repeats = std::min(a.repeats, 3);
+  }
+  return a;
+}
+
+// Median wall time in ms of `fn` over args.repeats runs after args.warmup untimed runs. `sync`
+// runs after each call (e.g. cudaStreamSynchronize) so that asynchronous work is counted.
+template <typename Fn, typename Sync>
+double median_ms(Fn&& fn, const Args& args, Sync&& sync) {
+  for (int i = 0; i < args.warmup; ++i) fn();
+  sync();
+  std::vector<double> ms;
+  for (int i = 0; i < args.repeats; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    sync();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+template <typename Fn>
+double median_ms(Fn&& fn, const Args& args) {
+  return median_ms(std::forward<Fn>(fn), args, [] {});
+}
+
+// Median of per-repeat times the caller measures itself (cudaEvent timing).
+inline double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Row {
+  std::string shape;
+  double ms;
+  std::vector<std::pair<std::string, double>> metrics;  // e.g. {"GB/s", 12.3}
+};
+
+class Table {
+ public:
+  explicit Table(std::string name) : name_(std::move(name)) {}
+
+  void add(std::string shape, double ms, std::vector<std::pair<std::string, double>> metrics = {}) {
+    const Row& r = rows_.emplace_back(Row{std::move(shape), ms, std::move(metrics)});
+    std::printf("%-44s | %10.3f ms", r.shape.c_str(), r.ms);
+    for (const auto& m : r.metrics) std::printf(" | %10.2f %s", m.second, m.first.c_str());
+    std::printf("\n");
+    std::fflush(stdout);
+  }
+
+  void header(const char* device) const {
+    std::printf("== %s (%s) ==\n%-44s | %13s | metrics\n", name_.c_str(), device, "shape", "median");
+  }
+
+  // Writes {"bench": name, "rows": [{"shape", "median_ms", <metric>: value...}]} when asked.
+  bool finish(const Args& args) const {
+    if (args.json.empty()) return true;
+    FILE* f = std::fopen(args.json.c_str(), "w");
+    if (!f) {
+      std::fprintf(stderr, "cannot write %s\n", args.json.c_str());
+      return false;
+    }
+    std::fprintf(f, "{\"bench\": \"%s\", \"rows\": [", escape(name_).c_str());
+    for (size_t i = 0; i < rows_.size(); ++i) {
+      const Row& r = rows_[i];
+      std::fprintf(f, "%s\n  {\"shape\": \"%s\", \"median_ms\": %.6f", i ? "," : "", escape(r.shape).c_str(), r.ms);
+      for (const auto& m : r.metrics) std::fprintf(f, ", \"%s\": %.6f", escape(m.first).c_str(), m.second);
+      std::fprintf(f, "}");
+    }
+    std::fprintf(f, "\n]}\n");
+    return std::fclose(f) == 0;
+  }
+
+ private:
+  static std::string escape(const std::string& s) {
+    std::string out;
+    for (char c : s) {
+      if (c == '"' || c == '\\') out += '\\';
+      out += c;
+    }
+    return out;
+  }
+
+  std::string name_;
+  std::vector<Row> rows_;
+};
+
+}  // namespace bench

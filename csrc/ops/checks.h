@@ -1,0 +1,95 @@
+// Argument checks shared by the op layer. Every message starts with "<op>: <argument>" so that a
+// failing call says which argument is wrong.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <string>
+
+#include "kernels/params.h"
+
+namespace d2f::checks {
+
+inline std::string dtype_list(std::initializer_list<at::ScalarType> dtypes) {
+  std::string s;
+  for (at::ScalarType t : dtypes) s += (s.empty() ? "" : ", ") + std::string(c10::toString(t));
+  return s;
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+                      const char* layout) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got ", t.dim(), "-D");
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
+                        std::initializer_list<at::ScalarType> dtypes) {
+  for (at::ScalarType d : dtypes)
+    if (t.scalar_type() == d) return;
+  TORCH_CHECK(false, op, ": ", name, " must have dtype ", dtype_list(dtypes), ", got ", t.scalar_type());
+}
+
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                             const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name,
+              " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                              const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
+inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name, " must have a contiguous last dimension");
+}
+
+inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+                       const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".size(", dim, ") must equal ", what, " (", expected,
+              "), got ", t.size(dim));
+}
+
+// 1-D int32 tensor of `len` values, all in [lo, hi]. Reads the values on the host (a small copy
+// for CUDA tensors).
+inline at::Tensor check_int_range(const char* op, const char* name, const at::Tensor& t, int64_t len,
+                                  int64_t lo, int64_t hi) {
+  check_dim(op, name, t, 1, "[B]");
+  check_dtype(op, name, t, {at::kInt});
+  check_size(op, name, t, 0, len, "the batch size");
+  at::Tensor host = t.cpu();
+  if (len > 0) {
+    const int64_t mn = host.min().item<int64_t>(), mx = host.max().item<int64_t>();
+    TORCH_CHECK(mn >= lo && mx <= hi, op, ": ", name, " values must be in [", lo, ", ", hi, "], got [", mn, ", ",
+                mx, "]");
+  }
+  return host;
+}
+
+inline DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: return DType::kFloat32;
+  }
+}
+
+// Floating dtypes an op accepts on the tensor's device: float16 only where CUDA kernels exist.
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  if (t.is_cuda()) {
+    check_dtype(op, name, t, {at::kFloat, at::kBFloat16, at::kHalf});
+  } else {
+    check_dtype(op, name, t, {at::kFloat, at::kBFloat16});
+  }
+}
+
+inline int checked_int(const char* op, const char* name, int64_t v) {
+  TORCH_CHECK(v >= 0 && v <= INT32_MAX, op, ": ", name, " = ", v, " does not fit the kernel's int32 range");
+  return static_cast<int>(v);
+}
+
+}  // namespace d2f::checks
