@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "kernels/kernels.h"
+#include "ops/checks.h"
 
 #if defined(D2F_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
@@ -14,64 +15,50 @@
 
 namespace {
 
-void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char* name) {
-  TORCH_CHECK(t.device() == logits.device(), "unmask: ", name, " must be on ", logits.device(),
-              " like logits, got ", t.device());
-}
-
-d2f::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return d2f::DType::kFloat32;
-    case at::kBFloat16:
-      return d2f::DType::kBFloat16;
-    case at::kHalf:
-      return d2f::DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "unmask: logits must be float32, bfloat16 or float16, got ", t);
-  }
-}
+namespace C = d2f::checks;
+constexpr const char* kOp = "unmask";
 
 std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Tensor& tokens,
                                           const at::Tensor& block_ids, const at::Tensor& fully_activated,
                                           const std::optional<at::Tensor>& prev_logits, int64_t mask_id,
                                           int64_t eos_id, double threshold, double temperature,
                                           int64_t confidence, int64_t seed) {
-  TORCH_CHECK(logits.dim() == 3, "unmask: logits must be 3-D [B, W, V], got ", logits.dim(), "-D");
-  const d2f::DType dtype = kernel_dtype(logits.scalar_type());
+  C::check_dim(kOp, "logits", logits, 3, "[B, W, V]");
+  // The CPU kernel converts float16 too, so unlike the other ops it is accepted on every device.
+  C::check_dtype(kOp, "logits", logits, {at::kFloat, at::kBFloat16, at::kHalf});
+  C::check_last_dim_contiguous(kOp, "logits", logits);
   const int64_t B = logits.size(0), W = logits.size(1), V = logits.size(2);
-  TORCH_CHECK(V > 0 && V < INT32_MAX && W < INT32_MAX, "unmask: logits vocabulary and window must fit int32, got W=",
-              W, " V=", V);
-  TORCH_CHECK(logits.stride(2) == 1, "unmask: logits must have a contiguous last dim");
-  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == B && tokens.size(1) == W,
-              "unmask: tokens must be [B, W] = [", B, ", ", W, "], got ", tokens.sizes());
-  TORCH_CHECK(tokens.scalar_type() == at::kLong, "unmask: tokens must be int64, got ", tokens.scalar_type());
-  TORCH_CHECK(tokens.is_contiguous(), "unmask: tokens must be contiguous");
-  TORCH_CHECK(block_ids.dim() == 2 && block_ids.size(0) == B && block_ids.size(1) == W,
-              "unmask: block_ids must be [B, W] = [", B, ", ", W, "], got ", block_ids.sizes());
-  TORCH_CHECK(block_ids.scalar_type() == at::kInt, "unmask: block_ids must be int32, got ",
-              block_ids.scalar_type());
-  TORCH_CHECK(block_ids.is_contiguous(), "unmask: block_ids must be contiguous");
-  TORCH_CHECK(fully_activated.dim() == 2 && fully_activated.size(0) == B,
-              "unmask: fully_activated must be [B, NB] with B = ", B, ", got ", fully_activated.sizes());
-  TORCH_CHECK(fully_activated.scalar_type() == at::kInt, "unmask: fully_activated must be int32, got ",
-              fully_activated.scalar_type());
-  const int64_t NB = fully_activated.size(1);
-  TORCH_CHECK(fully_activated.stride(1) == 1 || NB <= 1, "unmask: fully_activated must have a contiguous last dim");
-  check_same_device(tokens, logits, "tokens");
-  check_same_device(block_ids, logits, "block_ids");
-  check_same_device(fully_activated, logits, "fully_activated");
+  C::checked_int(kOp, "logits.size(1) (window)", W);
+  C::checked_int(kOp, "logits.size(2) (vocabulary)", V);
+  C::check_dim(kOp, "tokens", tokens, 2, "[B, W]");
+  C::check_dtype(kOp, "tokens", tokens, {at::kLong});
+  C::check_size(kOp, "tokens", tokens, 0, B, "logits.size(0)");
+  C::check_size(kOp, "tokens", tokens, 1, W, "logits.size(1)");
+  C::check_contiguous(kOp, "tokens", tokens);
+  C::check_dim(kOp, "block_ids", block_ids, 2, "[B, W]");
+  C::check_dtype(kOp, "block_ids", block_ids, {at::kInt});
+  C::check_size(kOp, "block_ids", block_ids, 0, B, "logits.size(0)");
+  C::check_size(kOp, "block_ids", block_ids, 1, W, "logits.size(1)");
+  C::check_contiguous(kOp, "block_ids", block_ids);
+  C::check_dim(kOp, "fully_activated", fully_activated, 2, "[B, NB]");
+  C::check_dtype(kOp, "fully_activated", fully_activated, {at::kInt});
+  C::check_size(kOp, "fully_activated", fully_activated, 0, B, "logits.size(0)");
+  C::check_last_dim_contiguous(kOp, "fully_activated", fully_activated);
+  const int64_t NB = C::checked_int(kOp, "fully_activated.size(1) (blocks)", fully_activated.size(1));
+  C::check_same_device(kOp, "tokens", tokens, "logits", logits);
+  C::check_same_device(kOp, "block_ids", block_ids, "logits", logits);
+  C::check_same_device(kOp, "fully_activated", fully_activated, "logits", logits);
   if (prev_logits) {
     const at::Tensor& prev = *prev_logits;
-    TORCH_CHECK(prev.dim() == 2 && prev.size(0) == B && prev.size(1) == V,
-                "unmask: prev_logits must be [B, V] = [", B, ", ", V, "], got ", prev.sizes());
-    TORCH_CHECK(prev.scalar_type() == logits.scalar_type(), "unmask: prev_logits must have logits' dtype ",
-                logits.scalar_type(), ", got ", prev.scalar_type());
-    TORCH_CHECK(prev.stride(1) == 1, "unmask: prev_logits must have a contiguous last dim");
-    check_same_device(prev, logits, "prev_logits");
+    C::check_dim(kOp, "prev_logits", prev, 2, "[B, V]");
+    C::check_size(kOp, "prev_logits", prev, 0, B, "logits.size(0)");
+    C::check_size(kOp, "prev_logits", prev, 1, V, "logits.size(2)");
+    C::check_same_dtype(kOp, "prev_logits", prev, "logits", logits);
+    C::check_last_dim_contiguous(kOp, "prev_logits", prev);
+    C::check_same_device(kOp, "prev_logits", prev, "logits", logits);
   }
   TORCH_CHECK(mask_id >= 0 && mask_id < V, "unmask: mask_id must be in [0, ", V, "), got ", mask_id);
-  TORCH_CHECK(eos_id < V, "unmask: eos_id must be < vocabulary size ", V, " (negative: none), got ", eos_id);
+  TORCH_CHECK(eos_id < V, "unmask: eos_id must be < the vocabulary size ", V, " (negative: none), got ", eos_id);
   TORCH_CHECK(threshold >= 0.0 && threshold <= 1.0, "unmask: threshold must be in [0, 1], got ", threshold);
   TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0,
               "unmask: temperature must be finite and >= 0, got ", temperature);
@@ -82,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
     const auto [lo, hi] = at::aminmax(block_ids);
     const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
     TORCH_CHECK(lo_v >= -1 && hi_v < NB, "unmask: block_ids must be in [-1, NB = ", NB,
-                ") (fully_activated's second dim), got values in [", lo_v, ", ", hi_v, "]");
+                ") (NB = fully_activated.size(1)), got values in [", lo_v, ", ", hi_v, "]");
   }
 
   const auto int_opts = block_ids.options().dtype(at::kInt);
@@ -118,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
   p.temperature = static_cast<float>(temperature);
   p.confidence = static_cast<d2f::Confidence>(confidence);
   p.seed = static_cast<uint64_t>(seed);
-  p.dtype = dtype;
+  p.dtype = C::kernel_dtype(logits.scalar_type());
 
   if (logits.is_cpu()) {
     d2f::unmask_cpu(p);
