@@ -1,0 +1,192 @@
+// Microbenchmark of the unmask kernel at LLaDA (V = 126464) and Dream (V = 151936) vocabularies,
+// every window position masked (the worst case), greedy and sampled, fp32 and bf16 logits.
+//   g++ -O3 -fopenmp -std=c++17 -Icsrc -Icsrc/bench csrc/bench/bench_unmask.cpp csrc/kernels/unmask_cpu.cpp
+// With -DD2F_WITH_CUDA (linking unmask_cuda.cu and cudart), --cuda times the CUDA kernel.
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "bench_util.h"
+#include "kernels/kernels.h"
+
+#if defined(D2F_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+namespace {
+
+struct Shape {
+  int batch, window, vocab;
+  d2f::DType dtype;
+  float temperature;
+  d2f::Confidence confidence;
+};
+
+// Logits in [-8, 8) from an LCG, as fp32 or bf16 (truncated: the bench needs no rounding).
+std::vector<uint8_t> random_logits(size_t n, d2f::DType dtype) {
+  const size_t elem = dtype == d2f::DType::kFloat32 ? 4 : 2;
+  std::vector<uint8_t> buf(n * elem);
+  uint32_t s = 12345u;
+  for (size_t i = 0; i < n; ++i) {
+    s = s * 1664525u + 1013904223u;
+    const float x = static_cast<float>(s >> 8) * (16.0f / 16777216.0f) - 8.0f;
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if (elem == 4) {
+      std::memcpy(buf.data() + i * 4, &u, 4);
+    } else {
+      const uint16_t h = static_cast<uint16_t>(u >> 16);
+      std::memcpy(buf.data() + i * 2, &h, 2);
+    }
+  }
+  return buf;
+}
+
+// Host buffers and params; the kernel rewrites tokens, so `reset` re-masks them before each run.
+struct Problem {
+  std::vector<uint8_t> logits;
+  std::vector<int64_t> tokens, cand_token;
+  std::vector<int32_t> block_ids, full, counts, eos;
+  std::vector<float> cand_prob, cand_conf;
+  d2f::UnmaskParams p{};
+  static constexpr int64_t kMask = 7;
+
+  explicit Problem(const Shape& s) {
+    const size_t bw = size_t(s.batch) * s.window;
+    logits = random_logits(bw * s.vocab, s.dtype);
+    tokens.assign(bw, kMask);
+    cand_token.resize(bw);
+    block_ids.assign(bw, 0);
+    full.assign(s.batch, 1);
+    counts.resize(s.batch);
+    eos.resize(s.batch);
+    cand_prob.resize(bw);
+    cand_conf.resize(bw);
+    p.logits = logits.data();
+    p.logits_batch_stride = int64_t(s.window) * s.vocab;
+    p.logits_row_stride = s.vocab;
+    p.tokens = tokens.data();
+    p.block_ids = block_ids.data();
+    p.fully_activated = full.data();
+    p.fully_activated_batch_stride = 1;
+    p.counts = counts.data();
+    p.eos_block = eos.data();
+    p.cand_token = cand_token.data();
+    p.cand_prob = cand_prob.data();
+    p.cand_conf = cand_conf.data();
+    p.batch = s.batch;
+    p.window = s.window;
+    p.vocab = s.vocab;
+    p.num_blocks = 1;
+    p.mask_id = kMask;
+    p.eos_id = -1;
+    p.threshold = 0.9f;
+    p.temperature = s.temperature;
+    p.confidence = s.confidence;
+    p.seed = 1;
+    p.dtype = s.dtype;
+  }
+  void reset() { std::fill(tokens.begin(), tokens.end(), kMask); }
+};
+
+std::string label(const Shape& s) {
+  static const char* conf[] = {"prob", "margin", "entropy"};
+  return "B=" + std::to_string(s.batch) + " W=" + std::to_string(s.window) + " V=" + std::to_string(s.vocab) +
+         (s.dtype == d2f::DType::kFloat32 ? " f32" : " bf16") + (s.temperature > 0 ? " T=1" : " T=0") + " " +
+         conf[static_cast<int>(s.confidence)];
+}
+
+double logit_gb(const Shape& s) {
+  const double elem = s.dtype == d2f::DType::kFloat32 ? 4.0 : 2.0;
+  return double(s.batch) * s.window * s.vocab * elem * 1e-9;
+}
+
+#if defined(D2F_WITH_CUDA)
+double time_cuda(Problem& pb, const bench::Args& args) {
+  d2f::UnmaskParams p = pb.p;
+  auto upload = [](const void* src, size_t bytes) {
+    void* d = nullptr;
+    cudaMalloc(&d, bytes);
+    cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice);
+    return d;
+  };
+  const size_t bw = pb.tokens.size();
+  p.logits = upload(pb.logits.data(), pb.logits.size());
+  p.tokens = static_cast<int64_t*>(upload(pb.tokens.data(), bw * 8));
+  p.block_ids = static_cast<int32_t*>(upload(pb.block_ids.data(), bw * 4));
+  p.fully_activated = static_cast<int32_t*>(upload(pb.full.data(), pb.full.size() * 4));
+  p.counts = static_cast<int32_t*>(upload(pb.counts.data(), pb.counts.size() * 4));
+  p.eos_block = static_cast<int32_t*>(upload(pb.eos.data(), pb.eos.size() * 4));
+  p.cand_token = static_cast<int64_t*>(upload(pb.cand_token.data(), bw * 8));
+  p.cand_prob = static_cast<float*>(upload(pb.cand_prob.data(), bw * 4));
+  p.cand_conf = static_cast<float*>(upload(pb.cand_conf.data(), bw * 4));
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<double> ms;
+  for (int i = 0; i < args.warmup + args.repeats; ++i) {
+    cudaMemcpy(p.tokens, pb.tokens.data(), bw * 8, cudaMemcpyHostToDevice);
+    cudaEventRecord(start);
+    d2f::unmask_cuda(p, nullptr);
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float t = 0.0f;
+    cudaEventElapsedTime(&t, start, stop);
+    if (i >= args.warmup) ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  for (const void* d : {static_cast<const void*>(p.logits), static_cast<const void*>(p.tokens),
+                        static_cast<const void*>(p.block_ids), static_cast<const void*>(p.fully_activated),
+                        static_cast<const void*>(p.counts), static_cast<const void*>(p.eos_block),
+                        static_cast<const void*>(p.cand_token), static_cast<const void*>(p.cand_prob),
+                        static_cast<const void*>(p.cand_conf)})
+    cudaFree(const_cast<void*>(d));
+  return bench::median(ms);
+}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bench::Args args = bench::parse_args(argc, argv);
+#if !defined(D2F_WITH_CUDA)
+  if (args.cuda) {
+    std::fprintf(stderr, "built without CUDA: --cuda is unavailable\n");
+    return 2;
+  }
+#endif
+  using d2f::Confidence;
+  using d2f::DType;
+  std::vector<Shape> shapes;
+  if (args.small) {
+    shapes = {{1, 8, 4096, DType::kFloat32, 0.0f, Confidence::kProbability},
+              {1, 8, 4096, DType::kBFloat16, 1.0f, Confidence::kNegEntropy}};
+  } else {
+    for (int vocab : {126464, 151936})
+      for (int batch : {1, 8})
+        for (int window : {32, 128})
+          for (DType dt : {DType::kFloat32, DType::kBFloat16})
+            shapes.push_back({batch, window, vocab, dt, 0.0f, Confidence::kProbability});
+    for (Confidence c : {Confidence::kMargin, Confidence::kNegEntropy})
+      shapes.push_back({1, 64, 151936, DType::kBFloat16, 0.0f, c});
+    shapes.push_back({1, 64, 151936, DType::kBFloat16, 1.0f, Confidence::kProbability});
+  }
+  bench::Table table("unmask");
+  table.header(args.cuda ? "cuda" : "cpu");
+  for (const Shape& s : shapes) {
+    Problem pb(s);
+    double ms;
+#if defined(D2F_WITH_CUDA)
+    if (args.cuda) {
+      ms = time_cuda(pb, args);
+    } else
+#endif
+    {
+      ms = bench::median_ms([&] { pb.reset(); d2f::unmask_cpu(pb.p); }, args);
+    }
+    table.add(label(s), ms, {{"GB/s", logit_gb(s) / ms * 1e3}});
+  }
+  return table.finish(args) ? 0 : 1;
+}

@@ -1,0 +1,327 @@
+// CPU unmasking: phase 1 reduces each masked position's logits row to (token, p, confidence) in
+// one streaming pass (a second one only for the entropy), phase 2 applies the per-block rule.
+// The softmax is never materialised: the row is read in L1-sized chunks, converted to float,
+// and each chunk gives its max, its lowest argmax and its sum of exp against the running max.
+#include <omp.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace d2f {
+namespace {
+
+constexpr int kChunk = 2048;  // floats per chunk: 8 KiB, stays in L1 across the chunk's passes
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Gumbel noise is at most -log(-log(u_max)) with u_max = 1 - 2^-25, i.e. about 17.33: a value
+// whose logit plus this bound cannot beat the best score so far needs no noise computed.
+constexpr double kGumbelBound = 17.5;
+
+inline float as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t as_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Eight float lanes as a GCC vector: the hot loops below are written on it directly because the
+// auto-vectoriser leaves the exp loop scalar without -ffast-math. Without AVX2 (the "default"
+// clone) GCC splits each operation into two SSE ones.
+// Everything here is internal and inlined, so the vector-return ABI warning does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float VecF __attribute__((vector_size(32)));
+typedef int32_t VecI __attribute__((vector_size(32)));
+constexpr int kVec = 8;
+
+inline VecF splat(float x) { return VecF{} + x; }
+inline VecF load_vec(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// exp for x <= 0 (values minus their max): exactly 0 below -87, about 1 ulp elsewhere.
+inline VecF exp_nonpos(VecF x) {
+  const VecI tiny = x < -87.0f;
+  const VecF xc = tiny ? splat(-87.0f) : x;
+  const VecF t = xc * 1.44269504088896341f;
+  const VecF n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: |t| < 2^22
+  VecF r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  VecF y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
+  return tiny ? splat(0.0f) : y * (VecF)bits;
+}
+inline float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
+
+// log for positive normal x, about 1 ulp.
+inline VecF log_pos(VecF x) {
+  const VecI bits = (VecI)x;
+  VecF e = __builtin_convertvector((bits >> 23) - 127, VecF);
+  const VecI mbits = (bits & 0x007fffff) | 0x3f800000;
+  VecF m = (VecF)mbits;  // [1, 2)
+  const VecI big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1.0f : e;
+  const VecF f = m - 1.0f;
+  const VecF z = f * f;
+  VecF y = splat(7.0376836292e-2f);
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += e * -2.12194440e-4f;
+  y += -0.5f * z;
+  return f + y + e * 0.693359375f;
+}
+
+inline float lane_sum(VecF v) {
+  float s = 0.0f;
+  for (int j = 0; j < kVec; ++j) s += v[j];
+  return s;
+}
+inline float lane_max(VecF v) {
+  float s = v[0];
+  for (int j = 1; j < kVec; ++j) s = std::max(s, v[j]);
+  return s;
+}
+inline VecF vmax(VecF a, VecF b) { return a < b ? b : a; }
+inline VecF vmin(VecF a, VecF b) { return b < a ? b : a; }
+
+struct Bf16 {
+  static float load(const uint16_t* p, int i) { return as_float(static_cast<uint32_t>(p[i]) << 16); }
+};
+struct F16 {
+  // Exact for normals and subnormals: shifting the exponent+mantissa into float position and
+  // scaling by 2^112 rebiases the exponent; inf/nan keep an all-ones exponent.
+  static float load(const uint16_t* p, int i) {
+    const uint32_t h = p[i];
+    const uint32_t em = h & 0x7fffu;
+    const float mag = as_float(em << 13) * 0x1p112f;
+    const uint32_t special = (em << 13) | 0x7f800000u;
+    const uint32_t bits = (em >= 0x7c00u ? special : as_bits(mag)) | ((h & 0x8000u) << 16);
+    return as_float(bits);
+  }
+};
+struct F32 {
+  static float load(const float* p, int i) { return p[i]; }
+};
+
+// Reads n values into buf (divided by T when T > 0, as the reference divides the float row)
+// and pads buf to a multiple of kVec with -inf, which no reduction below notices.
+template <class E, class T>
+inline int load_chunk(const T* src, int n, float temperature, float* buf) {
+  if (temperature > 0.0f) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) buf[i] = E::load(src, i) / temperature;
+  } else {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) buf[i] = E::load(src, i);
+  }
+  const int padded = (n + kVec - 1) / kVec * kVec;
+  for (int i = n; i < padded; ++i) buf[i] = kNegInf;
+  return padded;
+}
+
+struct RowResult {
+  int64_t token;
+  float p, conf;
+};
+
+template <class E, class T>
+inline __attribute__((always_inline)) RowResult row_stats(const T* row, int vocab, float temperature,
+                                                           Confidence kind, uint32_t key) {
+  alignas(64) float buf[kChunk];
+  const bool sample = temperature > 0.0f;
+  const bool margin = kind == Confidence::kMargin;
+  float m = kNegInf, s = 0.0f;
+  int64_t arg = 0;
+  // Per-lane largest and second largest (duplicates count twice) for the margin.
+  VecF top1 = splat(kNegInf), top2 = splat(kNegInf);
+  double best = -std::numeric_limits<double>::infinity();
+  int64_t sampled = 0;
+  float sampled_x = kNegInf;
+
+  for (int c0 = 0; c0 < vocab; c0 += kChunk) {
+    const int n = std::min(kChunk, vocab - c0);
+    const int padded = load_chunk<E>(row + c0, n, temperature, buf);
+    float cmax;
+    if (margin) {
+      for (int i = 0; i < padded; i += kVec) {
+        const VecF x = load_vec(buf + i);
+        top2 = vmax(top2, vmin(top1, x));
+        top1 = vmax(top1, x);
+      }
+      cmax = lane_max(top1);  // the running max, which is >= m only if this chunk holds it
+    } else {
+      VecF mx = splat(kNegInf);
+      for (int i = 0; i < padded; i += kVec) mx = vmax(mx, load_vec(buf + i));
+      cmax = lane_max(mx);
+    }
+    if (cmax > m) {  // strictly: an equal max of a later chunk keeps the earlier index
+      int i = 0;
+      while (buf[i] != cmax) ++i;
+      arg = c0 + i;
+      s *= exp_nonpos(m - cmax);
+      m = cmax;
+    }
+    if (m > kNegInf) {
+      VecF acc = splat(0.0f);
+      for (int i = 0; i < padded; i += kVec) acc += exp_nonpos(load_vec(buf + i) - m);
+      s += lane_sum(acc);
+    }
+    if (sample && static_cast<double>(cmax) + kGumbelBound > best) {
+      for (int i = 0; i < n; ++i) {
+        const double x = buf[i];
+        if (x + kGumbelBound <= best) continue;
+        const double score = x + -std::log(-std::log(noise_uniform(key, static_cast<uint32_t>(c0 + i))));
+        if (score > best) {
+          best = score;
+          sampled = c0 + i;
+          sampled_x = buf[i];
+        }
+      }
+    }
+  }
+
+  RowResult r;
+  r.token = sample ? sampled : arg;
+  r.p = (sample ? exp_nonpos(sampled_x - m) : 1.0f) / s;
+  if (kind == Confidence::kProbability) {
+    r.conf = r.p;
+  } else if (margin) {
+    float a = kNegInf, b = kNegInf;  // the two largest of the lanes' lists, duplicates kept
+    for (int j = 0; j < kVec; ++j) {
+      for (float x : {top1[j], top2[j]}) {
+        if (x > a) {
+          b = a;
+          a = x;
+        } else if (x > b) {
+          b = x;
+        }
+      }
+    }
+    r.conf = exp_nonpos(a - m) / s - exp_nonpos(b - m) / s;
+  } else {
+    const float inv_s = 1.0f / s;
+    VecF acc = splat(0.0f);
+    for (int c0 = 0; c0 < vocab; c0 += kChunk) {
+      const int padded = load_chunk<E>(row + c0, std::min(kChunk, vocab - c0), temperature, buf);
+      for (int i = 0; i < padded; i += kVec) {
+        const VecF q = exp_nonpos(load_vec(buf + i) - m) * inv_s;
+        acc += q * log_pos(q + 1e-10f);
+      }
+    }
+    const float e = lane_sum(acc);
+    r.conf = e;
+  }
+  return r;
+}
+
+// One non-template entry per dtype so that each gets an AVX2 clone beside the baseline.
+#define D2F_ROW_STATS(NAME, E, T)                                                            \
+  __attribute__((target_clones("avx2", "default"))) RowResult NAME(                          \
+      const T* row, int vocab, float temperature, Confidence kind, uint32_t key) {           \
+    return row_stats<E>(row, vocab, temperature, kind, key);                                 \
+  }
+D2F_ROW_STATS(row_stats_f32, F32, float)
+D2F_ROW_STATS(row_stats_bf16, Bf16, uint16_t)
+D2F_ROW_STATS(row_stats_f16, F16, uint16_t)
+#undef D2F_ROW_STATS
+
+RowResult position_stats(const UnmaskParams& p, int b, int w, uint32_t key) {
+  const int elem = p.dtype == DType::kFloat32 ? 4 : 2;
+  const char* row;
+  if (p.prev_logits == nullptr) {
+    row = static_cast<const char*>(p.logits) + (b * p.logits_batch_stride + w * p.logits_row_stride) * elem;
+  } else if (w == 0) {
+    row = static_cast<const char*>(p.prev_logits) + b * p.prev_batch_stride * elem;
+  } else {
+    row = static_cast<const char*>(p.logits) +
+          (b * p.logits_batch_stride + (w - 1) * p.logits_row_stride) * elem;
+  }
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return row_stats_f32(reinterpret_cast<const float*>(row), p.vocab, p.temperature, p.confidence, key);
+    case DType::kBFloat16:
+      return row_stats_bf16(reinterpret_cast<const uint16_t*>(row), p.vocab, p.temperature, p.confidence, key);
+    default:
+      return row_stats_f16(reinterpret_cast<const uint16_t*>(row), p.vocab, p.temperature, p.confidence, key);
+  }
+}
+
+void decide_row(const UnmaskParams& p, int b, std::vector<int>& best) {
+  const int64_t base = static_cast<int64_t>(b) * p.window;
+  int32_t* counts = p.counts + static_cast<int64_t>(b) * p.num_blocks;
+  const int32_t* full = p.fully_activated + b * p.fully_activated_batch_stride;
+  std::fill(counts, counts + p.num_blocks, 0);
+  best.assign(p.num_blocks, -1);
+  int eos = INT_MAX;
+  auto decode = [&](int64_t i, int blk) {
+    p.tokens[i] = p.cand_token[i];
+    ++counts[blk];
+    if (p.eos_id >= 0 && p.cand_token[i] == p.eos_id) eos = std::min(eos, blk);
+  };
+  for (int w = 0; w < p.window; ++w) {
+    const int64_t i = base + w;
+    if (p.cand_token[i] < 0) continue;
+    const int blk = p.block_ids[i];
+    if (p.cand_prob[i] > p.threshold) {
+      decode(i, blk);
+    } else if (best[blk] < 0 || p.cand_conf[i] > p.cand_conf[base + best[blk]]) {
+      best[blk] = w;  // strict: the lowest position wins ties
+    }
+  }
+  for (int blk = 0; blk < p.num_blocks; ++blk) {
+    if (counts[blk] == 0 && best[blk] >= 0 && full[blk]) decode(base + best[blk], blk);
+  }
+  p.eos_block[b] = eos == INT_MAX ? -1 : eos;
+}
+
+}  // namespace
+
+void unmask_cpu(const UnmaskParams& p) {
+  const int64_t positions = static_cast<int64_t>(p.batch) * p.window;
+  // Dynamic: only masked positions cost anything, and they cluster at the window's end.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < positions; ++i) {
+    const int b = static_cast<int>(i / p.window), w = static_cast<int>(i % p.window);
+    if (p.tokens[i] != p.mask_id || p.block_ids[i] < 0) {
+      p.cand_token[i] = -1;
+      continue;
+    }
+    const uint32_t key = noise_key(p.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(w));
+    const RowResult r = position_stats(p, b, w, key);
+    p.cand_token[i] = r.token;
+    p.cand_prob[i] = r.p;
+    p.cand_conf[i] = r.conf;
+  }
+#pragma omp parallel
+  {
+    std::vector<int> best;
+#pragma omp for
+    for (int b = 0; b < p.batch; ++b) decide_row(p, b, best);
+  }
+}
+
+}  // namespace d2f
