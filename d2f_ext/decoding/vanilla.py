@@ -49,7 +49,7 @@ def vanilla_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
             probs = torch.softmax(logits, -1)
             p, tok = probs.max(-1)
             conf = torch.where(masked, p, float("-inf"))
-            order = conf.argsort(1, descending=True, stable=True)
+            order = torch.sort(conf, dim=1, descending=True, stable=True).indices
             rank = torch.empty_like(order)
             rank.scatter_(1, order, cols.expand(B, -1))
             take = masked & (rank < n[:, None])
