@@ -168,7 +168,8 @@ def _lora_distiller(folder):
         for name, p in d.peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    return d.peft.eval() and d  # eval: no LoRA dropout, so that forwards are repeatable
+    d.peft.eval()  # no LoRA dropout, so that forwards are repeatable
+    return d
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
