@@ -1,0 +1,199 @@
+"""Grade-school math word problems with step-by-step solutions ending in "The answer is N".
+
+A problem is a template (a fixed chain of two or three operations told as a story) filled with
+names, objects and numbers drawn from a seeded RNG. Train and test are disjoint by construction:
+a problem belongs to the test split iff a hash of its question text falls in the test bucket,
+so no seed can put the same question in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import operator
+import random
+import re
+from typing import Callable, Iterable, Optional, Sequence
+
+NAMES = ["Tom", "Mia", "Sam", "Lena", "Omar", "Ava", "Ben", "Zoe", "Ravi", "Nina", "Leo", "Emma",
+         "Jack", "Sara", "Ali", "Kim", "Max", "Ivy", "Noah", "Lucy"]
+OBJECTS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "shells",
+           "stamps", "eggs", "candies", "coins", "flowers", "toys", "balloons", "oranges"]
+CONTAINERS = ["boxes", "bags", "packs", "baskets", "jars", "crates"]
+PLACES = ["farm", "shop", "school", "library", "bakery", "zoo"]
+ITEMS = ["notebook", "ticket", "sandwich", "toy car", "book", "shirt", "lamp", "puzzle"]
+ANSWER_RE = re.compile(r"The answer is (-?\d+)")
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
+TEST_BUCKETS = 10  # one question hash in ten goes to the test split
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    question: str
+    solution: str  # the steps, then "The answer is N"
+    answer: int
+
+
+def _step(a: int, op: str, b: int) -> tuple[int, str]:
+    value = OPS[op](a, b)
+    return value, f"{a} {op} {b} = {value}."
+
+
+def _finish(question: str, lead: str, steps: list[str], answer: int) -> Problem:
+    solution = " ".join(([lead] if lead else []) + steps + [f"The answer is {answer}."])
+    return Problem(question, solution, answer)
+
+
+# Each template draws its numbers so that every intermediate value stays a whole, non-negative
+# number of a few digits: the model learns arithmetic, not rounding or negative counts.
+
+def _buy_give(r: random.Random) -> Problem:
+    n, m, obj = *r.sample(NAMES, 2), r.choice(OBJECTS)
+    a, b = r.randint(10, 400), r.randint(5, 300)
+    c = r.randint(1, a + b)
+    x, s1 = _step(a, "+", b)
+    y, s2 = _step(x, "-", c)
+    buy = r.choice(["buys", "gets", "finds", "is given"])
+    give = r.choice(["gives", "sells", "loses"])
+    q = r.choice([
+        f"{n} has {a} {obj}. {n} {buy} {b} more {obj} and then {give} {c} of them. How many {obj} does {n} have now?",
+        f"{n} had {a} {obj}. Then {n} {buy} {b} {obj} and {give} {c} to {m}. How many {obj} does {n} have left?",
+    ])
+    return _finish(q, f"{n} starts with {a} {obj}.", [s1, s2], y)
+
+
+def _containers(r: random.Random) -> Problem:
+    n, obj, box = r.choice(NAMES), r.choice(OBJECTS), r.choice(CONTAINERS)
+    a, b = r.randint(2, 40), r.randint(2, 12)
+    c = r.randint(1, a * b)
+    x, s1 = _step(a, "*", b)
+    y, s2 = _step(x, "-", c)
+    q = r.choice([
+        f"{n} buys {a} {box} of {obj}. Each of the {box} holds {b} {obj}. {n} uses {c} of them. How many {obj} are left?",
+        f"There are {a} {box} with {b} {obj} in each. {n} takes {c} {obj} away. How many {obj} remain?",
+    ])
+    return _finish(q, f"There are {a} {box} of {b} {obj}.", [s1, s2], y)
+
+
+def _share(r: random.Random) -> Problem:
+    n, obj = r.choice(NAMES), r.choice(OBJECTS)
+    b, x0 = r.randint(2, 9), r.randint(2, 60)
+    a, c = b * x0, r.randint(1, 90)
+    x, s1 = _step(a, "/", b)
+    y, s2 = _step(x, "+", c)
+    q = r.choice([
+        f"{n} shares {a} {obj} equally among {b} friends. Each friend then gets {c} more {obj}. How many {obj} does each friend have?",
+        f"{a} {obj} are split evenly into {b} groups. Then {c} {obj} are added to each group. How many {obj} are in one group?",
+    ])
+    return _finish(q, "", [s1, s2], y)
+
+
+def _wages(r: random.Random) -> Problem:
+    n = r.choice(NAMES)
+    a, b = r.randint(5, 90), r.randint(2, 9)
+    c = r.randint(1, a * b)
+    x, s1 = _step(a, "*", b)
+    y, s2 = _step(x, "-", c)
+    q = r.choice([
+        f"{n} earns {a} dollars a day. After {b} days {n} spends {c} dollars. How many dollars does {n} have left?",
+        f"{n} saves {a} dollars every week for {b} weeks, then buys a gift for {c} dollars. How much money is left?",
+    ])
+    return _finish(q, f"{n} gets {a} dollars {b} times.", [s1, s2], y)
+
+
+def _times_as_many(r: random.Random) -> Problem:
+    n, m, obj = *r.sample(NAMES, 2), r.choice(OBJECTS)
+    a, b = r.randint(3, 99), r.randint(2, 9)
+    x, s1 = _step(a, "*", b)
+    y, s2 = _step(a, "+", x)
+    q = r.choice([
+        f"{n} has {a} {obj}. {m} has {b} times as many {obj} as {n}. How many {obj} do they have together?",
+        f"{m} collected {b} times as many {obj} as {n}, who collected {a}. How many {obj} did both collect in total?",
+    ])
+    return _finish(q, f"{m} has {b} times {a} {obj}.", [s1, s2], y)
+
+
+def _change(r: random.Random) -> Problem:
+    n, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(2, 60), r.randint(2, 9)
+    c = a * b + r.randint(0, 200)
+    x, s1 = _step(a, "*", b)
+    y, s2 = _step(c, "-", x)
+    q = r.choice([
+        f"A {item} costs {a} dollars. {n} buys {b} of them and pays with {c} dollars. How much change does {n} get?",
+        f"{n} has {c} dollars and buys {b} {item}s at {a} dollars each. How many dollars are left?",
+    ])
+    return _finish(q, f"{b} {item}s cost {b} times {a} dollars.", [s1, s2], y)
+
+
+def _three_steps(r: random.Random) -> Problem:
+    place, obj = r.choice(PLACES), r.choice(OBJECTS)
+    a, b, d = r.randint(20, 500), r.randint(10, 300), r.randint(2, 5)
+    c = r.randint(0, a + b)
+    c -= (a + b - c) % d  # what is left must split evenly
+    c += d if c < 0 else 0  # same remainder, still at most a + b since a + b > d
+    x, s1 = _step(a, "+", b)
+    y, s2 = _step(x, "-", c)
+    z, s3 = _step(y, "/", d)
+    q = r.choice([
+        f"A {place} has {a} {obj}. It gets {b} more and sells {c}. The rest is packed equally into {d} boxes. How many {obj} are in each box?",
+        f"The {place} starts the day with {a} {obj}, receives {b} and gives away {c}. What is left is split evenly among {d} shelves. How many {obj} go on each shelf?",
+    ])
+    return _finish(q, f"The {place} starts with {a} {obj}.", [s1, s2, s3], z)
+
+
+def _rows(r: random.Random) -> Problem:
+    n, obj = r.choice(NAMES), r.choice(OBJECTS)
+    a, b, c = r.randint(2, 30), r.randint(2, 20), r.randint(2, 200)
+    x, s1 = _step(a, "*", b)
+    y, s2 = _step(x, "+", c)
+    q = r.choice([
+        f"{n} puts {obj} in {a} rows of {b}. Then {n} adds {c} more {obj}. How many {obj} are there now?",
+        f"A shelf has {a} rows with {b} {obj} in each row, and a box holds {c} more {obj}. How many {obj} are there in all?",
+    ])
+    return _finish(q, f"The rows hold {a} times {b} {obj}.", [s1, s2], y)
+
+
+TEMPLATES: list[Callable[[random.Random], Problem]] = [
+    _buy_give, _containers, _share, _wages, _times_as_many, _change, _three_steps, _rows]
+
+
+def _is_test(question: str) -> bool:
+    digest = hashlib.sha256(question.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") % TEST_BUCKETS == 0
+
+
+def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
+    """``n`` distinct problems of ``split`` ("train" or "test"), the same for the same seed."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    # The split name enters the seed so that a test set of seed s does not simply replay the
+    # draws the train set of seed s rejected.
+    r = random.Random(f"{split}:{seed}")
+    out, seen = [], set()
+    while len(out) < n:
+        p = r.choice(TEMPLATES)(r)
+        if _is_test(p.question) == (split == "test") and p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+    return out
+
+
+def format_prompt(question: str) -> str:
+    return f"Question: {question} Answer:"
+
+
+def answer_of(text: str) -> Optional[int]:
+    """N of the first "The answer is N" in ``text``, or None."""
+    m = ANSWER_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def accuracy(outputs: Sequence[str], targets: Iterable[Problem]) -> float:
+    """Fraction of outputs whose extracted answer equals the problem's answer."""
+    targets = list(targets)
+    if len(outputs) != len(targets):
+        raise ValueError(f"{len(outputs)} outputs for {len(targets)} problems")
+    if not targets:
+        return 0.0
+    return sum(answer_of(o) == t.answer for o, t in zip(outputs, targets)) / len(targets)

@@ -1,0 +1,203 @@
+"""Data, optimisation loop, checkpoints and resume shared by train_teacher, distill and train_ar."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+STATE_DIR = "trainer"  # optimiser state and step, inside the output folder
+
+
+@dataclasses.dataclass
+class Batch:
+    ids: torch.Tensor  # [B, L] int64, right-padded
+    prompt_len: torch.Tensor  # [B]
+    length: torch.Tensor  # [B]: prompt + response; positions at or past it are padding
+
+    def to(self, device) -> "Batch":
+        return Batch(self.ids.to(device), self.prompt_len.to(device), self.length.to(device))
+
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.ids.shape[1], device=self.ids.device)[None]
+
+    def response(self) -> torch.Tensor:
+        pos = self.positions()
+        return (pos >= self.prompt_len[:, None]) & (pos < self.length[:, None])
+
+    def real(self) -> torch.Tensor:
+        return self.positions() < self.length[:, None]
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], eos_id: int,
+                 gen_len: Optional[int]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of (prompt, response + EOS). With ``gen_len`` the response is filled up to
+    ``gen_len`` tokens with EOS, as LLaDA's SFT does: a diffusion model decodes a fixed-length
+    canvas, and learning to fill its tail with EOS is what ends the answer."""
+    out = []
+    for p, r in zip(prompts, responses):
+        pi = tokenizer(p, add_special_tokens=False).input_ids
+        ri = tokenizer(r, add_special_tokens=False).input_ids + [eos_id]
+        if gen_len is not None:
+            if len(ri) > gen_len:
+                raise ValueError(f"a response of {len(ri)} tokens does not fit gen_len={gen_len}")
+            ri += [eos_id] * (gen_len - len(ri))
+        out.append((pi, ri))
+    return out
+
+
+def collate(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    lengths = [len(p) + len(r) for p, r in pairs]
+    ids = torch.full((len(pairs), max(lengths)), pad_id, dtype=torch.long)
+    for b, (p, r) in enumerate(pairs):
+        ids[b, : lengths[b]] = torch.tensor(p + r)
+    return Batch(ids, torch.tensor([len(p) for p, _ in pairs]), torch.tensor(lengths))
+
+
+def batch_indices(n: int, batch: int, seed: int, draw: int) -> list[int]:
+    """Example indices of the ``draw``-th batch: epochs of seeded shuffles, so that a resumed run
+    sees exactly the batches the uninterrupted run would have."""
+    out = []
+    for pos in range(draw * batch, (draw + 1) * batch):
+        epoch, i = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(f"{seed}:{epoch}").shuffle(perm)
+        out.append(perm[i])
+    return out
+
+
+def step_generator(seed: int, draw: int) -> torch.Generator:
+    """The noise RNG of one batch, a function of (seed, draw) alone for the same reason."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw)
+
+
+def shift_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Dream's right shift: the prediction for position p is the output at p - 1 (position 0,
+    always prompt, keeps its own)."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], 1)
+
+
+def lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _residual_output(name: str) -> bool:
+    module = name.split(".")[-2]
+    # LLaDA's ff_out is both a layer's down projection and (outside the blocks) the head.
+    return module in ("attn_out", "o_proj", "down_proj") or module == "ff_out" and ".blocks." in name
+
+
+def init_weights(model: torch.nn.Module, num_layers: int, std: float = 0.02) -> None:
+    """GPT-2 style init for training from scratch: small normal weights, residual-branch outputs
+    scaled down with depth so the residual stream does not grow layer by layer, unit norms."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name or "ln_f" in name else 0.0)
+            else:
+                p.normal_(0.0, std / math.sqrt(2 * num_layers) if _residual_output(name) else std)
+
+
+def copy_tokenizer(src: str, dst: str) -> None:
+    if os.path.abspath(src) == os.path.abspath(dst):
+        return
+    os.makedirs(dst, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def save_checkpoint(model, folder: str, tokenizer_src: Optional[str]) -> None:
+    """A checkpoint folder d2f_ext.models.load_model reads: config.json with the model's own
+    keys, model.safetensors under the checkpoint names, and the tokenizer."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.config.to_dict(), f, indent=1)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    if tokenizer_src:
+        copy_tokenizer(tokenizer_src, folder)
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_state(out: str, params: dict, opt: torch.optim.Optimizer, step: int) -> None:
+    d = os.path.join(out, STATE_DIR)
+    os.makedirs(d, exist_ok=True)
+    save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()}, os.path.join(d, "params.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
+    with open(os.path.join(d, "state.json"), "w", encoding="utf-8") as f:
+        json.dump({"step": step}, f)
+
+
+def _load_state(out: str, params: dict, opt: torch.optim.Optimizer) -> int:
+    d = os.path.join(out, STATE_DIR)
+    saved = load_file(os.path.join(d, "params.safetensors"))
+    if set(saved) != set(params):
+        raise ValueError(f"{d} holds parameters for another model or training mode")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+    with open(os.path.join(d, "state.json"), encoding="utf-8") as f:
+        return int(json.load(f)["step"])
+
+
+def can_resume(out: str) -> bool:
+    return os.path.isfile(os.path.join(out, STATE_DIR, "state.json"))
+
+
+def run(params: dict[str, torch.nn.Parameter], step_loss: Callable[[int], tuple[torch.Tensor, int]], *,
+        steps: int, lr: float, warmup: int, out: str, save: Callable[[], None], resume: bool,
+        save_every: int = 500, weight_decay: float = 0.0, clip: float = 1.0, desc: str = "train",
+        is_main: bool = True) -> list[float]:
+    """AdamW over ``params`` for ``steps`` steps; ``step_loss(step)`` returns (loss, tokens in
+    the batch). Saves the trainer state and calls ``save`` every ``save_every`` steps and at the
+    end; with ``resume`` continues from the saved state. Returns the losses of the steps run."""
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    start = _load_state(out, params, opt) if resume and can_resume(out) else 0
+    losses: list[float] = []
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not is_main,
+               dynamic_ncols=True)
+    tokens, t0, smooth = 0, time.perf_counter(), None
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, warmup, lr)
+        loss, n_tok = step_loss(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        losses.append(value)
+        tokens += n_tok
+        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+        bar.set_postfix(loss=f"{smooth:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        done = step + 1
+        if is_main and (done % save_every == 0 or done == steps):
+            _save_state(out, params, opt, done)
+            save()
+    return losses

@@ -1,0 +1,106 @@
+"""Pretrain a small LLaDA-architecture masked-diffusion model from scratch on the math task.
+
+Objective (LLaDA's): per example t ~ U(0, 1), mask ratio p = (1 - eps) t + eps; every response
+token is masked with probability p (the prompt never is); the loss is the cross-entropy on the
+masked positions divided by p, summed over the response and divided by its length, averaged
+over the batch. The output folder is a checkpoint d2f_ext.models.load_model reads.
+
+    python python/train_teacher.py --out runs/teacher --hidden 256 --layers 4 --steps 6000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import task_math  # noqa: E402
+import tokenizer_math  # noqa: E402
+import train_common as tc  # noqa: E402
+from d2f_ext.models import ModelConfig, model_for_config  # noqa: E402
+from d2f_ext.models.tiny import _llada_config  # noqa: E402
+
+
+def diffusion_loss(model, batch: tc.Batch, mask_id: int, eps: float, gen: torch.Generator) -> torch.Tensor:
+    B, L = batch.ids.shape
+    resp = batch.response()
+    t = torch.rand(B, generator=gen).to(resp.device)
+    p = (1 - eps) * t + eps
+    masked = resp & (torch.rand(B, L, generator=gen).to(resp.device) < p[:, None])
+    noised = torch.where(masked, mask_id, batch.ids)
+    # Fully bidirectional over the real tokens; batch padding (-1) is never attended.
+    block_ids = torch.where(batch.real(), 0, -1).to(torch.int32)
+    logits = model(noised, block_ids=block_ids)
+    if model.config.logit_shift:
+        logits = tc.shift_logits(logits)
+    ce = F.cross_entropy(logits[masked].float(), batch.ids[masked], reduction="none")
+    weight = (1.0 / (p[:, None] * resp.sum(1, keepdim=True))).expand(B, L)[masked]
+    return (ce * weight).sum() / B
+
+
+def build_model(tokenizer, hidden: int, layers: int, heads: int, intermediate: int, max_len: int):
+    config = _llada_config(len(tokenizer), tokenizer.mask_token_id, tokenizer.eos_token_id, hidden,
+                           heads, heads, layers, intermediate, max_len, False)
+    config["pad_token_id"] = tokenizer.pad_token_id
+    model = model_for_config(ModelConfig.from_dict(config))
+    tc.init_weights(model, layers)
+    return model
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="checkpoint folder (also holds the resume state)")
+    p.add_argument("--tokenizer", help="folder of an existing tokenizer to share (default: train one)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, help="MLP width (default 3 x hidden)")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=64, help="response canvas, filled with EOS")
+    p.add_argument("--train-size", type=int, default=100000, help="distinct training problems")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--eps", type=float, default=1e-3, help="smallest mask ratio")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from the state in --out")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[float]:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    os.makedirs(a.out, exist_ok=True)
+    tok = tokenizer_math.load_or_build(a.out, a.tokenizer, a.seed)
+    model = build_model(tok, a.hidden, a.layers, a.heads, a.intermediate or 3 * a.hidden, a.max_len)
+    model.to(a.device).train()
+    problems = task_math.problems("train", a.train_size, a.seed)
+    pairs = tc.encode_pairs(tok, [task_math.format_prompt(q.question) for q in problems],
+                            [q.solution for q in problems], tok.eos_token_id, a.gen_len)
+    mask_id = model.config.mask_token_id
+
+    def step_loss(step: int):
+        batch = tc.collate([pairs[i] for i in tc.batch_indices(len(pairs), a.batch, a.seed, step)],
+                           tok.pad_token_id)
+        loss = diffusion_loss(model, batch.to(a.device), mask_id, a.eps, tc.step_generator(a.seed, step))
+        return loss, int(batch.length.sum())
+
+    return tc.run(tc.trainable(model), step_loss, steps=a.steps, lr=a.lr, warmup=a.warmup, out=a.out,
+                  save=lambda: tc.save_checkpoint(model, a.out, None), resume=a.resume,
+                  save_every=a.save_every, weight_decay=a.weight_decay, desc="teacher")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Training smoke tests: the math task, the tokenizer, the distillation's masks and weights, and
+a few steps of each training loop (the loss must fall), on tiny models."""
+
+import json
+import os
+import pathlib
+import statistics
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
+
+import distill  # noqa: E402
+import task_math  # noqa: E402
+import train_ar  # noqa: E402
+import train_common as tc  # noqa: E402
+import train_teacher  # noqa: E402
+from d2f_ext.models import load_adapter, load_model  # noqa: E402
+
+TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--batch", "8", "--train-size", "200",
+        "--warmup", "3"]
+
+
+def fell(losses, k=5, factor=0.8):
+    return statistics.mean(losses[-k:]) < factor * statistics.mean(losses[:k])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """(folder, losses) of a tiny teacher trained for a few steps."""
+    out = str(tmp_path_factory.mktemp("teacher"))
+    losses = train_teacher.main(["--out", out, "--steps", "30", "--lr", "3e-3", *TINY])
+    return out, losses
+
+
+# --- the math task ---------------------------------------------------------------------------
+
+def test_answers_parse_and_match():
+    for p in task_math.problems("train", 400, seed=3):
+        assert p.solution.endswith(f"The answer is {p.answer}.")
+        assert task_math.answer_of(p.solution) == p.answer
+        assert p.answer >= 0
+    assert task_math.answer_of("no answer here") is None
+    assert task_math.answer_of("so The answer is 12 and The answer is 7") == 12
+
+
+def test_split_disjoint_and_deterministic():
+    train = task_math.problems("train", 3000, seed=1)
+    test = task_math.problems("test", 300, seed=1)
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert len({p.question for p in train}) == 3000
+    assert task_math.problems("test", 300, seed=1) == test
+    assert task_math.problems("test", 300, seed=2) != test
+    # Disjoint whatever the seeds: a test question of one seed is never a train one of another.
+    assert not {p.question for p in task_math.problems("train", 3000, seed=2)} & {p.question for p in test}
+
+
+def test_accuracy():
+    ps = task_math.problems("test", 4, seed=0)
+    outs = [ps[0].solution, f"The answer is {ps[1].answer + 1}", "", ps[3].solution]
+    assert task_math.accuracy(outs, ps) == 0.5
+    with pytest.raises(ValueError, match="outputs"):
+        task_math.accuracy(outs[:3], ps)
+
+
+def test_tokenizer_ids_in_config_and_exact_decode(teacher):
+    from transformers import AutoTokenizer
+
+    folder, _ = teacher
+    tok = AutoTokenizer.from_pretrained(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["mask_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == \
+        (tok.mask_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert len({tok.mask_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
+    assert cfg["model_type"] == "llada" and cfg["embedding_size"] == len(tok)
+    for p in task_math.problems("test", 50, seed=0):
+        ids = tok(p.solution, add_special_tokens=False).input_ids
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == p.solution
+        assert task_math.answer_of(tok.decode(ids)) == p.answer
+
+
+# --- masks, noise and loss weights -----------------------------------------------------------
+
+def test_block_ratios_bounds_and_order():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5):
+        t = distill.block_ratios(4000, n, g)
+        assert t.shape == (4000, n)
+        assert (t >= 0.2).all() and (t <= 0.7).all()
+        assert (t[:, 1:] >= t[:, :-1]).all()
+        # t_1 spans U[0.2, 0.7] rather than sitting at one value.
+        assert t[:, 0].min() < 0.22 and t[:, 0].max() > 0.68
+    assert (t[:, -1] > t[:, 0] + 0.05).float().mean() > 0.3  # later blocks do get more masking
+
+
+def _batch(prompt_lens, resp_lens, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pairs = [(torch.randint(2, vocab, (p,), generator=g).tolist(), torch.randint(2, vocab, (r,), generator=g).tolist())
+             for p, r in zip(prompt_lens, resp_lens)]
+    return tc.collate(pairs, pad_id=0)
+
+
+def test_student_block_ids():
+    b = _batch([3, 5], [33, 16])
+    ids = distill.student_block_ids(b, 16)
+    assert ids[0].tolist() == [0] * 3 + [1] * 16 + [2] * 16 + [3]
+    assert ids[1].tolist() == [0] * 5 + [1] * 16 + [-1] * 15
+    assert distill.teacher_block_ids(b)[1].tolist() == [0] * 21 + [-1] * 15
+
+
+def test_noise_batch_masks_response_only_with_block_ratio():
+    b = _batch([7] * 300 + [4] * 300, [64] * 300 + [50] * 300)
+    g = torch.Generator().manual_seed(11)
+    noised, masked, ratio, blocks = distill.noise_batch(b, 16, mask_id=1, gen=g)
+    resp = b.response()
+    assert not masked[~resp].any()  # prompt and padding never masked
+    assert torch.equal(noised, torch.where(masked, 1, b.ids))
+    # The ratio of each position is its block's, from block_ratios drawn by the same generator.
+    expect = distill.block_ratios(600, 4, torch.Generator().manual_seed(11))
+    for row in (0, 450):
+        for pos in torch.nonzero(resp[row]).flatten().tolist():
+            assert ratio[row, pos] == expect[row, blocks[row, pos] - 1]
+    assert (ratio[~resp] == 0).all()
+    # Each position masked with its ratio: per block, the masked fraction matches the mean ratio.
+    for k in range(1, 5):
+        sel = resp & (blocks == k)
+        assert abs(masked[sel].float().mean() - ratio[sel].mean()) < 0.02
+
+
+def test_distill_loss_is_weighted_kl_on_masked_positions():
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 3, 12, 9
+    s, t = torch.randn(B, L, V, generator=g), torch.randn(B, L, V, generator=g)
+    masked = torch.rand(B, L, generator=g) < 0.5
+    ratio = 0.2 + 0.5 * torch.rand(B, L, generator=g)
+    want, n = 0.0, 0
+    for b in range(B):
+        for i in range(L):
+            if masked[b, i]:
+                pt = torch.softmax(t[b, i], -1)
+                want += float((pt * (pt.log() - torch.log_softmax(s[b, i], -1))).sum()) / float(ratio[b, i])
+                n += 1
+    assert distill.distill_loss(s, t, masked, ratio, False).item() == pytest.approx(want / n, rel=1e-5)
+    # Unmasked positions do not count.
+    s2 = s.clone()
+    s2[~masked] = torch.randn(int((~masked).sum()), V)
+    assert distill.distill_loss(s2, t, masked, ratio, False) == pytest.approx(want / n, rel=1e-5)
+    # Dream: position p is judged on the logits output at p - 1, for teacher and student alike.
+    shifted = distill.distill_loss(s, t, masked, ratio, True)
+    manual = distill.distill_loss(tc.shift_logits(s), tc.shift_logits(t), masked, ratio, False)
+    assert shifted.item() == pytest.approx(manual.item(), rel=1e-6)
+    # Gradient equals that of the cross-entropy against the teacher's softmax.
+    s.requires_grad_(True)
+    distill.distill_loss(s, t, masked, ratio, False).backward()
+    s_ce = s.detach().clone().requires_grad_(True)
+    ce = -(torch.softmax(t, -1) * torch.log_softmax(s_ce, -1)).sum(-1)
+    ((ce / ratio)[masked].sum() / masked.sum()).backward()
+    torch.testing.assert_close(s.grad, s_ce.grad)
+
+
+def _lora_distiller(folder):
+    d = distill.Distiller(load_model(folder), full_finetune=False)
+    with torch.no_grad():  # a non-zero adapter, so that student and teacher differ
+        for name, p in d.peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    d.peft.eval()  # no LoRA dropout, so that forwards are repeatable
+    return d
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_student_block_causal_teacher_global(arch, tiny_checkpoint):
+    folder = tiny_checkpoint(arch, vocab=64, hidden_size=32, num_layers=2, intermediate_size=64, shards=1)
+    d = _lora_distiller(folder)
+    b = _batch([5], [48], vocab=40, seed=4)
+    blocks = distill.student_block_ids(b, 16)
+    later = b.ids.clone()
+    later[0, 5 + 32:] = torch.randint(2, 40, (16,))  # change block 3 only
+    with torch.no_grad():
+        s1, s2 = d.student_logits(b.ids, blocks), d.student_logits(later, blocks)
+    t1, t2 = d.teacher_logits(b.ids, b), d.teacher_logits(later, b)
+    upto = 5 + 32
+    torch.testing.assert_close(s1[:, :upto], s2[:, :upto], rtol=0, atol=1e-6)
+    assert (s1[:, upto:] - s2[:, upto:]).abs().max() > 1e-3
+    assert (t1[:, :upto] - t2[:, :upto]).abs().max() > 1e-3  # the teacher sees later blocks
+    # Inside a block the student is bidirectional: block 1 sees a change at its end.
+    inside = b.ids.clone()
+    inside[0, 5 + 15] = (inside[0, 5 + 15] + 1) % 40
+    with torch.no_grad():
+        s3 = d.student_logits(inside, blocks)
+    assert (s1[:, 5:5 + 15] - s3[:, 5:5 + 15]).abs().max() > 1e-4
+    torch.testing.assert_close(s1[:, :5], s3[:, :5], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_teacher_is_base_model_without_grad(arch, tiny_checkpoint):
+    folder = tiny_checkpoint(arch, vocab=64, hidden_size=32, num_layers=2, intermediate_size=64, shards=1)
+    d = _lora_distiller(folder)
+    b = _batch([4, 6], [20, 32], vocab=40)
+    t = d.teacher_logits(b.ids, b)
+    assert not t.requires_grad
+    base = load_model(folder)(b.ids, block_ids=distill.teacher_block_ids(b))
+    real = b.real()
+    torch.testing.assert_close(t[real], base[real].detach())
+    # Without padding the teacher's view is exactly no mask at all.
+    torch.testing.assert_close(t[1], load_model(folder)(b.ids[1:]).detach()[0])
+    s = d.student_logits(b.ids, distill.teacher_block_ids(b))
+    assert s.requires_grad and (s - t).abs().max() > 1e-3  # the adapter is on for the student
+
+
+def test_full_finetune_teacher_is_frozen_copy(tiny_checkpoint):
+    folder = tiny_checkpoint("llada", vocab=64, hidden_size=32, num_layers=2, intermediate_size=64, shards=1)
+    d = distill.Distiller(load_model(folder), full_finetune=True)
+    b = _batch([4], [32], vocab=40)
+    before = d.teacher_logits(b.ids, b)
+    opt = torch.optim.SGD(d.student.parameters(), lr=1.0)
+    d.loss(b, 16, torch.Generator().manual_seed(0)).backward()
+    opt.step()
+    torch.testing.assert_close(d.teacher_logits(b.ids, b), before, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in d.teacher.parameters())
+
+
+# --- training loops --------------------------------------------------------------------------
+
+def test_teacher_loss_falls_and_checkpoint_loads(teacher):
+    folder, losses = teacher
+    assert fell(losses), losses
+    model = load_model(folder)
+    assert model.config.arch == "llada" and model.config.hidden_size == 32
+
+
+def test_teacher_resume_continues_the_same_run(tmp_path):
+    # A warm-up longer than the run keeps the learning rate independent of --steps.
+    args = ["--lr", "1e-3", *TINY, "--warmup", "100", "--save-every", "4"]
+    whole = train_teacher.main(["--out", str(tmp_path / "a"), "--steps", "8", *args])
+    first = train_teacher.main(["--out", str(tmp_path / "b"), "--steps", "4", *args])
+    rest = train_teacher.main(["--out", str(tmp_path / "b"), "--steps", "8", "--resume", *args])
+    assert len(rest) == 4
+    assert first + rest == pytest.approx(whole, rel=1e-4)
+
+
+def test_distill_lora_loss_falls_adapter_loads_and_merges(teacher, tmp_path):
+    folder, _ = teacher
+    out, merged = str(tmp_path / "adapter"), str(tmp_path / "merged")
+    losses = distill.main(["--teacher", folder, "--out", out, "--merge-to", merged, "--steps", "20",
+                           "--batch", "8", "--train-size", "8", "--lr", "1e-2", "--warmup", "2"])
+    assert fell(losses, factor=0.5), losses
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        acfg = json.load(f)
+    assert (acfg["r"], acfg["lora_alpha"], acfg["lora_dropout"]) == (32, 32, 0.1)
+    assert sorted(acfg["target_modules"]) == sorted(distill.LORA_TARGETS["llada"])
+    student = load_adapter(load_model(folder), out)
+    ids = _batch([6], [32], vocab=40).ids
+    base_logits = load_model(folder)(ids)
+    assert (student(ids) - base_logits).abs().max() > 1e-4  # the adapter changed the model
+    torch.testing.assert_close(load_model(merged)(ids), student(ids))
+
+
+def test_distill_full_finetune_loss_falls(teacher, tmp_path):
+    folder, _ = teacher
+    out = str(tmp_path / "student")
+    losses = distill.main(["--teacher", folder, "--out", out, "--full-finetune", "--steps", "20",
+                           "--batch", "8", "--train-size", "8", "--lr", "3e-3", "--warmup", "2"])
+    assert fell(losses, factor=0.5), losses
+    assert load_model(out).config.mask_token_id == load_model(folder).config.mask_token_id
+
+
+def test_ar_loss_falls_and_loads(teacher, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = teacher
+    out = str(tmp_path / "ar")
+    losses = train_ar.main(["--out", out, "--tokenizer", folder, "--steps", "20", "--lr", "3e-3", *TINY])
+    assert fell(losses), losses
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 2)
+    assert model.config.vocab_size == load_model(folder).config.vocab_size
