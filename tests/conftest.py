@@ -1,5 +1,14 @@
+import json
+import pathlib
+
 import pytest
 import torch
+
+import d2f_ext
+
+
+def pytest_report_header(config):
+    return f"d2f_ext from {pathlib.Path(d2f_ext.__file__).parent}: {d2f_ext.build_info()}"
 
 
 def _cuda_ok() -> bool:
@@ -15,9 +24,6 @@ def device(request):
 
 
 # --- model checkpoints (built once per session) ---------------------------------------------
-
-import json  # noqa: E402
-import pathlib  # noqa: E402
 
 CONFORMANCE_DIR = pathlib.Path(__file__).parent / "data" / "conformance"
 
