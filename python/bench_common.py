@@ -34,6 +34,14 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2)
 
 
+def write_markdown(path: str, header: list[str], rows: list[list]) -> None:
+    """The benchmark's table as markdown, ready for the README."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def environment() -> dict:
     import platform
     import d2f_ext

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench_common import environment, write_json
+from bench_common import environment, write_json, write_markdown
 
 from d2f_ext import D2FConfig
 from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode
@@ -97,8 +97,13 @@ def main():
     print(f"kernel path == reference loop on every prompt: {same}")
     write_json(os.path.join(a.out, "decode.json"), {"env": environment(), "args": vars(a), "params": params,
                                                    "rows": rows, "kernel_equals_reference": same})
+    write_markdown(os.path.join(a.out, "decode.md"),
+                   ["decoder", "generated tokens", "forwards / sequence", "tokens / forward", "tokens / s", "vs vanilla"],
+                   [[r["decoder"], r["generated_tokens"], f"{r['forwards_per_sequence']:.1f}",
+                     f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}x"]
+                    for r in rows])
     plot(rows, os.path.join(a.out, "decode.png"))
-    print(f"wrote {a.out}/decode.json and decode.png")
+    print(f"wrote {a.out}/decode.json, decode.md and decode.png")
 
 
 def plot(rows, path):

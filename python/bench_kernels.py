@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bench_common import environment, interleaved, write_json
+from bench_common import environment, interleaved, write_json, write_markdown
 
 from d2f_ext import ops
 
@@ -96,15 +96,22 @@ def main():
             rows.append(dict(op="unmask", dtype=str(dtype)[6:], B=B, W=W, vocab=V, ours_ms=t["ours"] * 1e3,
                              torch_ms=t["torch"] * 1e3, ratio=t["torch"] / t["ours"]))
     for r in rows:
-        shape = (f"B={r['B']} W={r['W']} cache={r['cache']} H={r['heads']} D={r['head_dim']}" if r["op"] == "attention"
-                 else f"B={r['B']} W={r['W']} V={r['vocab']}")
-        print(f"{r['op']:9} {r['dtype']:9} {shape:44} {r['ours_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:6.2f}")
+        print(f"{r['op']:9} {r['dtype']:9} {_shape(r):44} {r['ours_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:6.2f}")
     for op in ("attention", "unmask"):
         ratios = [r["ratio"] for r in rows if r["op"] == op]
         print(f"{op}: ratio min {min(ratios):.2f}, median {sorted(ratios)[len(ratios) // 2]:.2f}, max {max(ratios):.2f}")
     write_json(os.path.join(a.out, "kernels.json"), {"env": environment(), "rows": rows})
+    write_markdown(os.path.join(a.out, "kernels.md"), ["op", "dtype", "shape", "d2f_ext ms", "torch ms", "torch / d2f_ext"],
+                   [[r["op"], r["dtype"], _shape(r), f"{r['ours_ms']:.2f}", f"{r['torch_ms']:.2f}", f"{r['ratio']:.2f}"]
+                    for r in rows])
     plot(rows, os.path.join(a.out, "kernels.png"))
-    print(f"wrote {a.out}/kernels.json and kernels.png")
+    print(f"wrote {a.out}/kernels.json, kernels.md and kernels.png")
+
+
+def _shape(r) -> str:
+    if r["op"] == "attention":
+        return f"B={r['B']} W={r['W']} cache={r['cache']} H={r['heads']} D={r['head_dim']}"
+    return f"B={r['B']} W={r['W']} V={r['vocab']}"
 
 
 def plot(rows, path):
@@ -114,8 +121,9 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, op in zip(axes, ("attention", "unmask")):
         sel = [r for r in rows if r["op"] == op]
-        labels = [(f"{r['dtype'][:4]} W{r['W']} c{r['cache']}" if op == "attention"
-                   else f"{r['dtype'][:4]} B{r['B']} W{r['W']} V{r['vocab'] // 1000}k") for r in sel]
+        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+        labels = [(f"{short[r['dtype']]} W{r['W']} c{r['cache']}" if op == "attention"
+                   else f"{short[r['dtype']]} B{r['B']} W{r['W']} V{r['vocab'] // 1000}k") for r in sel]
         ax.bar(range(len(sel)), [r["ratio"] for r in sel])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(sel)), labels, rotation=70, fontsize=7)
