@@ -6,7 +6,9 @@ plain-PyTorch twin in :mod:`d2f_ext.reference` (same results, slower); :data:`HA
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Optional
 
 import torch
@@ -19,7 +21,8 @@ try:
     HAVE_C = True
 except ImportError as _err:  # pragma: no cover - exercised only on broken installs
     HAVE_C = False
-    _IMPORT_ERROR = _err
+    _IMPORT_ERROR = (f"no compiled extension in {os.path.dirname(__file__)}"
+                     if importlib.util.find_spec(f"{__package__}._C") is None else str(_err))
 
 
 def build_info() -> dict:

@@ -1,10 +1,22 @@
 import json
+import os
 import pathlib
 
 import pytest
 import torch
 
 import d2f_ext
+
+
+def pytest_configure(config):
+    # Without _C the ops fall back to the references and every kernel test skips: a run that
+    # imported a source tree without the built extension would look green while testing little.
+    if not d2f_ext.ops.HAVE_C and os.environ.get("D2F_EXT_ALLOW_NO_C") != "1":
+        raise pytest.UsageError(
+            f"d2f_ext imported from {pathlib.Path(d2f_ext.__file__).parent} has no compiled d2f_ext._C "
+            f"({d2f_ext.build_info().get('error')}). Install it (pip install --no-build-isolation .) and run "
+            "`pytest` (not `python -m pytest` from the repository root, which imports the source tree), "
+            "or set D2F_EXT_ALLOW_NO_C=1 to test the plain-PyTorch fallback.")
 
 
 def pytest_report_header(config):
