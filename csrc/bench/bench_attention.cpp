@@ -11,10 +11,6 @@
 #include "bench_util.h"
 #include "kernels/kernels.h"
 
-#if defined(D2F_WITH_CUDA)
-#include <cuda_runtime.h>
-#endif
-
 namespace {
 
 struct Shape {
@@ -87,43 +83,13 @@ void point_at_host(Problem& pb) {
 }
 
 #if defined(D2F_WITH_CUDA)
-template <typename T>
-void* to_device(const std::vector<T>& host) {
-  void* d = nullptr;
-  cudaMalloc(&d, host.size() * sizeof(T));
-  cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return d;
-}
-
 double time_cuda(Problem& pb, const bench::Args& args) {
+  bench::DeviceBuffers dev;
   d2f::AttentionParams p = pb.p;
-  std::vector<void*> bufs = {to_device(pb.q), to_device(pb.k), to_device(pb.v), to_device(pb.k_cache),
-                             to_device(pb.v_cache), to_device(pb.out), to_device(pb.cache_lens),
-                             to_device(pb.block_ids)};
-  p.q = bufs[0], p.k = bufs[1], p.v = bufs[2], p.k_cache = bufs[3], p.v_cache = bufs[4], p.out = bufs[5];
-  p.cache_lens = static_cast<const int32_t*>(bufs[6]);
-  p.block_ids = static_cast<const int32_t*>(bufs[7]);
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  for (int i = 0; i < args.warmup; ++i) d2f::attention_cuda(p, stream);
-  std::vector<double> ms;
-  for (int i = 0; i < args.repeats; ++i) {
-    cudaEventRecord(start, stream);
-    d2f::attention_cuda(p, stream);
-    cudaEventRecord(stop, stream);
-    cudaEventSynchronize(stop);
-    float t = 0.0f;
-    cudaEventElapsedTime(&t, start, stop);
-    ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaStreamDestroy(stream);
-  for (void* b : bufs) cudaFree(b);
-  return bench::median(ms);
+  p.q = dev.upload(pb.q), p.k = dev.upload(pb.k), p.v = dev.upload(pb.v);
+  p.k_cache = dev.upload(pb.k_cache), p.v_cache = dev.upload(pb.v_cache), p.out = dev.upload(pb.out);
+  p.cache_lens = dev.upload(pb.cache_lens), p.block_ids = dev.upload(pb.block_ids);
+  return bench::cuda_median_ms(args, [&](cudaStream_t stream) { d2f::attention_cuda(p, stream); });
 }
 #endif
 
@@ -131,18 +97,6 @@ double time_cuda(Problem& pb, const bench::Args& args) {
 
 int main(int argc, char** argv) {
   const bench::Args args = bench::parse_args(argc, argv);
-#if defined(D2F_WITH_CUDA)
-  int devices = 0;
-  if (args.cuda && (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)) {
-    std::fprintf(stderr, "--cuda: no CUDA device\n");
-    return 2;
-  }
-#else
-  if (args.cuda) {
-    std::fprintf(stderr, "built without CUDA: rebuild with -DD2F_WITH_CUDA for --cuda\n");
-    return 2;
-  }
-#endif
   std::vector<Shape> shapes;
   if (args.small) {
     shapes = {{1, 32, 4, 4, 64, 256, 32}, {1, 17, 4, 2, 128, 100, 4}};

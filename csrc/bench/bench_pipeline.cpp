@@ -9,10 +9,6 @@
 #include "bench_util.h"
 #include "kernels/kernels.h"
 
-#if defined(D2F_WITH_CUDA)
-#include <cuda_runtime.h>
-#endif
-
 namespace {
 
 struct State {
@@ -62,41 +58,15 @@ double step_bytes(const State& s) {
 }
 
 #if defined(D2F_WITH_CUDA)
-template <typename T>
-T* to_device(const std::vector<T>& host) {
-  void* d = nullptr;
-  cudaMalloc(&d, host.size() * sizeof(T));
-  cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return static_cast<T*>(d);
-}
-
 // Per-step time of `inner` back-to-back launches, as a decode loop issues them.
 double time_cuda(const State& s, const bench::Args& args, int inner) {
+  bench::DeviceBuffers dev;
   d2f::PipelineParams p = s.p;
-  p.rows = to_device(s.rows), p.blocks = to_device(s.blocks);
-  p.counts = to_device(s.counts), p.eos_block = to_device(s.eos);
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  for (int i = 0; i < args.warmup; ++i) d2f::pipeline_step_cuda(p, stream);
-  std::vector<double> ms;
-  for (int i = 0; i < args.repeats; ++i) {
-    cudaEventRecord(start, stream);
-    for (int j = 0; j < inner; ++j) d2f::pipeline_step_cuda(p, stream);
-    cudaEventRecord(stop, stream);
-    cudaEventSynchronize(stop);
-    float t = 0.0f;
-    cudaEventElapsedTime(&t, start, stop);
-    ms.push_back(t / inner);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaStreamDestroy(stream);
-  cudaFree(p.rows), cudaFree(p.blocks);
-  cudaFree(const_cast<int32_t*>(p.counts)), cudaFree(const_cast<int32_t*>(p.eos_block));
-  return bench::median(ms);
+  p.rows = dev.upload(s.rows), p.blocks = dev.upload(s.blocks);
+  p.counts = dev.upload(s.counts), p.eos_block = dev.upload(s.eos);
+  return bench::cuda_median_ms(args, [&](cudaStream_t stream) {
+           for (int j = 0; j < inner; ++j) d2f::pipeline_step_cuda(p, stream);
+         }) / inner;
 }
 #endif
 
@@ -104,12 +74,6 @@ double time_cuda(const State& s, const bench::Args& args, int inner) {
 
 int main(int argc, char** argv) {
   const bench::Args args = bench::parse_args(argc, argv);
-#if !defined(D2F_WITH_CUDA)
-  if (args.cuda) {
-    std::fprintf(stderr, "built without CUDA: rebuild with -DD2F_WITH_CUDA for --cuda\n");
-    return 2;
-  }
-#endif
   const std::vector<int> batches = args.small ? std::vector<int>{1, 16} : std::vector<int>{1, 4, 16, 64, 256};
   // One step of one row is well under a microsecond: time many per sample.
   const int inner = args.small ? 10 : 1000;

@@ -10,10 +10,6 @@
 #include "bench_util.h"
 #include "kernels/kernels.h"
 
-#if defined(D2F_WITH_CUDA)
-#include <cuda_runtime.h>
-#endif
-
 namespace {
 
 struct Shape {
@@ -104,46 +100,21 @@ double logit_gb(const Shape& s) {
 
 #if defined(D2F_WITH_CUDA)
 double time_cuda(Problem& pb, const bench::Args& args) {
+  bench::DeviceBuffers dev;
   d2f::UnmaskParams p = pb.p;
-  auto upload = [](const void* src, size_t bytes) {
-    void* d = nullptr;
-    cudaMalloc(&d, bytes);
-    cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice);
-    return d;
-  };
-  const size_t bw = pb.tokens.size();
-  p.logits = upload(pb.logits.data(), pb.logits.size());
-  p.tokens = static_cast<int64_t*>(upload(pb.tokens.data(), bw * 8));
-  p.block_ids = static_cast<int32_t*>(upload(pb.block_ids.data(), bw * 4));
-  p.fully_activated = static_cast<int32_t*>(upload(pb.full.data(), pb.full.size() * 4));
-  p.counts = static_cast<int32_t*>(upload(pb.counts.data(), pb.counts.size() * 4));
-  p.eos_block = static_cast<int32_t*>(upload(pb.eos.data(), pb.eos.size() * 4));
-  p.cand_token = static_cast<int64_t*>(upload(pb.cand_token.data(), bw * 8));
-  p.cand_prob = static_cast<float*>(upload(pb.cand_prob.data(), bw * 4));
-  p.cand_conf = static_cast<float*>(upload(pb.cand_conf.data(), bw * 4));
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  std::vector<double> ms;
-  for (int i = 0; i < args.warmup + args.repeats; ++i) {
-    cudaMemcpy(p.tokens, pb.tokens.data(), bw * 8, cudaMemcpyHostToDevice);
-    cudaEventRecord(start);
-    d2f::unmask_cuda(p, nullptr);
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float t = 0.0f;
-    cudaEventElapsedTime(&t, start, stop);
-    if (i >= args.warmup) ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  for (const void* d : {static_cast<const void*>(p.logits), static_cast<const void*>(p.tokens),
-                        static_cast<const void*>(p.block_ids), static_cast<const void*>(p.fully_activated),
-                        static_cast<const void*>(p.counts), static_cast<const void*>(p.eos_block),
-                        static_cast<const void*>(p.cand_token), static_cast<const void*>(p.cand_prob),
-                        static_cast<const void*>(p.cand_conf)})
-    cudaFree(const_cast<void*>(d));
-  return bench::median(ms);
+  p.logits = dev.upload(pb.logits);
+  p.tokens = dev.upload(pb.tokens);
+  p.block_ids = dev.upload(pb.block_ids);
+  p.fully_activated = dev.upload(pb.full);
+  p.counts = dev.upload(pb.counts);
+  p.eos_block = dev.upload(pb.eos);
+  p.cand_token = dev.upload(pb.cand_token);
+  p.cand_prob = dev.upload(pb.cand_prob);
+  p.cand_conf = dev.upload(pb.cand_conf);
+  const size_t token_bytes = pb.tokens.size() * sizeof(int64_t);
+  return bench::cuda_median_ms(
+      args, [&](cudaStream_t stream) { d2f::unmask_cuda(p, stream); },
+      [&] { cudaMemcpy(p.tokens, pb.tokens.data(), token_bytes, cudaMemcpyHostToDevice); });
 }
 #endif
 
@@ -151,12 +122,6 @@ double time_cuda(Problem& pb, const bench::Args& args) {
 
 int main(int argc, char** argv) {
   const bench::Args args = bench::parse_args(argc, argv);
-#if !defined(D2F_WITH_CUDA)
-  if (args.cuda) {
-    std::fprintf(stderr, "built without CUDA: --cuda is unavailable\n");
-    return 2;
-  }
-#endif
   using d2f::Confidence;
   using d2f::DType;
   std::vector<Shape> shapes;

@@ -2,6 +2,7 @@
 // JSON dump of the same rows. Header-only so that each bench stays one source file.
 //
 //   bench::Args args = bench::parse_args(argc, argv);   // --small, --json PATH, --cuda
+//   // with --cuda: bench::DeviceBuffers, bench::cuda_median_ms (built with -DD2F_WITH_CUDA)
 //   bench::Table table("attention");
 //   double ms = bench::median_ms([&] { kernel(p); }, args);
 //   table.add("W=32 S=1024", ms, {{"GFLOP/s", flops / ms * 1e-6}});
@@ -15,6 +16,10 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#if defined(D2F_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
 
 namespace bench {
 
@@ -50,6 +55,19 @@ inline Args parse_args(int argc, char** argv) {
     a.warmup = 1;
     a.repeats = std::min(a.repeats, 3);
   }
+  // Exit status 2, as for a bad flag, so that scripts can tell "cannot run" from a failed run.
+  if (a.cuda) {
+#if defined(D2F_WITH_CUDA)
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+      std::fprintf(stderr, "--cuda: no CUDA device\n");
+      std::exit(2);
+    }
+#else
+    std::fprintf(stderr, "built without CUDA: rebuild with -DD2F_WITH_CUDA for --cuda\n");
+    std::exit(2);
+#endif
+  }
   return a;
 }
 
@@ -81,6 +99,62 @@ inline double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
+
+#if defined(D2F_WITH_CUDA)
+// Device copies of host vectors, freed together when the bench case ends.
+class DeviceBuffers {
+ public:
+  DeviceBuffers() = default;
+  DeviceBuffers(const DeviceBuffers&) = delete;
+  DeviceBuffers& operator=(const DeviceBuffers&) = delete;
+  ~DeviceBuffers() {
+    for (void* d : ptrs_) cudaFree(d);
+  }
+
+  template <typename T>
+  T* upload(const std::vector<T>& host) {
+    void* d = nullptr;
+    cudaMalloc(&d, host.size() * sizeof(T));
+    cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+    ptrs_.push_back(d);
+    return static_cast<T*>(d);
+  }
+
+ private:
+  std::vector<void*> ptrs_;
+};
+
+// Median ms of `launch(stream)` timed with CUDA events over args.repeats runs after
+// args.warmup untimed ones; `reset` runs before each, outside the timed span.
+template <typename Launch, typename Reset>
+double cuda_median_ms(const Args& args, Launch&& launch, Reset&& reset) {
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<double> ms;
+  for (int i = 0; i < args.warmup + args.repeats; ++i) {
+    reset();
+    cudaEventRecord(start, stream);
+    launch(stream);
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    float t = 0.0f;
+    cudaEventElapsedTime(&t, start, stop);
+    if (i >= args.warmup) ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+  return median(ms);
+}
+
+template <typename Launch>
+double cuda_median_ms(const Args& args, Launch&& launch) {
+  return cuda_median_ms(args, std::forward<Launch>(launch), [] {});
+}
+#endif
 
 struct Row {
   std::string shape;

@@ -16,70 +16,26 @@
 #include <omp.h>
 #endif
 
+#include "cpu_simd.h"
 #include "kernels.h"
 
 // ISO C++ modes default to -ffp-contract=off; the micro-kernels are written as a*b+c and need FMA.
 #pragma GCC optimize("fp-contract=fast")
-// Vector helpers are always inlined, so the 32-byte vector ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#define D2F_INLINE inline __attribute__((always_inline))
 
 namespace d2f {
 namespace {
 
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
+using namespace simd;
+
 constexpr int kRowChunk = 16;  // rows per micro-tile: two vectors
 constexpr int kKeyBlock = 4;   // keys per QK micro-tile
 constexpr int kKeyTile = 64;   // keys per softmax step
 constexpr int kMaxRows = 64;   // query rows (tokens x group heads) per work item
-constexpr float kLog2e = 1.4426950408889634f;
-
-D2F_INLINE vf splat(float x) { return vf{} + x; }
-D2F_INLINE vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
-D2F_INLINE void store(float* p, const vf& x) { *reinterpret_cast<vf*>(p) = x; }
-D2F_INLINE vf vmax(const vf& a, const vf& b) { return a > b ? a : b; }
-
-// 2^x for x <= 0, exactly 0 below -127 (so masked scores, -inf, give 0). Rounds x to n + f with
-// |f| <= 0.5 and evaluates 2^f by its Taylor series (relative error ~1e-9, below fp32 rounding).
-D2F_INLINE vf exp2v(const vf& arg) {
-  const vf x = vmax(arg, splat(-127.0f));
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf n = (x + magic) - magic;
-  vf f = x - n;
-  vf p = splat(1.5252734e-5f);
-  p = p * f + 1.5403530e-4f;
-  p = p * f + 1.3333558e-3f;
-  p = p * f + 9.6181291e-3f;
-  p = p * f + 5.5504109e-2f;
-  p = p * f + 2.4022651e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
-  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
 
 D2F_INLINE float to_float(float x) { return x; }
-D2F_INLINE float to_float(uint16_t x) {
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+D2F_INLINE float to_float(uint16_t x) { return bf16_to_float(x); }
 D2F_INLINE void from_float(float x, float* dst) { *dst = x; }
-D2F_INLINE void from_float(float x, uint16_t* dst) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    *dst = 0x7fc0;  // NaN stays NaN instead of rounding into infinity
-    return;
-  }
-  *dst = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
-}
+D2F_INLINE void from_float(float x, uint16_t* dst) { *dst = float_to_bf16(x); }
 
 template <typename T>
 D2F_INLINE void load_row(const T* src, float* dst, int n) {
@@ -126,10 +82,10 @@ D2F_INLINE void scores(const Workspace& ws, int D, int mp, int nk4) {
   if (DT > 0) D = DT;
   for (int c = 0; c < mp; c += kRowChunk) {
     for (int j = 0; j < nk4; j += kKeyBlock) {
-      vf acc[kKeyBlock][2] = {};
+      VecF acc[kKeyBlock][2] = {};
       const float* k = ws.kb + size_t(j) * D;
       for (int d = 0; d < D; ++d) {
-        vf q0 = load(ws.qt + size_t(d) * mp + c), q1 = load(ws.qt + size_t(d) * mp + c + kLanes);
+        VecF q0 = load(ws.qt + size_t(d) * mp + c), q1 = load(ws.qt + size_t(d) * mp + c + kLanes);
 #pragma GCC unroll 4
         for (int r = 0; r < kKeyBlock; ++r) {
           float kv = k[size_t(r) * D + d];
@@ -151,16 +107,16 @@ template <int DT>
 D2F_INLINE void accumulate(const Workspace& ws, int D, int mp, int nk4) {
   if (DT > 0) D = DT;
   for (int c = 0; c < mp; c += kRowChunk) {
-    vf a0 = load(ws.alpha + c), a1 = load(ws.alpha + c + kLanes);
+    VecF a0 = load(ws.alpha + c), a1 = load(ws.alpha + c + kLanes);
     for (int d = 0; d < D; d += 4) {
-      vf acc[4][2];
+      VecF acc[4][2];
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
         acc[r][0] = load(ws.ot + size_t(d + r) * mp + c) * a0;
         acc[r][1] = load(ws.ot + size_t(d + r) * mp + c + kLanes) * a1;
       }
       for (int j = 0; j < nk4; ++j) {
-        vf p0 = load(ws.st + size_t(j) * mp + c), p1 = load(ws.st + size_t(j) * mp + c + kLanes);
+        VecF p0 = load(ws.st + size_t(j) * mp + c), p1 = load(ws.st + size_t(j) * mp + c + kLanes);
         const float* v = ws.vb + size_t(j) * D + d;
 #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) {
@@ -180,29 +136,29 @@ D2F_INLINE void accumulate(const Workspace& ws, int D, int mp, int nk4) {
 // Masks the window keys of the tile, then turns scores into probabilities in place and
 // updates the running max / sum; alpha receives each row's rescale factor.
 D2F_INLINE void softmax_step(const Workspace& ws, int mp, int nk, int nk4, bool masked) {
-  const vf ninf = splat(-std::numeric_limits<float>::infinity());
+  const VecF ninf = splat(-std::numeric_limits<float>::infinity());
   for (int c = 0; c < mp; c += kLanes) {
     if (masked) {
-      vi rb = *reinterpret_cast<const vi*>(ws.row_bid + c);
+      VecI rb = load(ws.row_bid + c);
       for (int j = 0; j < nk; ++j) {
         float* s = ws.st + size_t(j) * mp + c;
         store(s, ws.key_bid[j] <= rb ? load(s) : ninf);
       }
     }
-    vf mx = ninf;
+    VecF mx = ninf;
     for (int j = 0; j < nk; ++j) mx = vmax(mx, load(ws.st + size_t(j) * mp + c));
-    vf m_old = load(ws.m + c);
-    vf m_new = vmax(m_old, mx);
-    vf m_use = m_new == ninf ? vf{} : m_new;  // rows that saw nothing yet: avoid -inf - -inf
-    vf alpha = exp2v(m_old - m_use);
-    vf sum = {};
+    VecF m_old = load(ws.m + c);
+    VecF m_new = vmax(m_old, mx);
+    VecF m_use = m_new == ninf ? VecF{} : m_new;  // rows that saw nothing yet: avoid -inf - -inf
+    VecF alpha = exp_nonpos(m_old - m_use);
+    VecF sum = {};
     for (int j = 0; j < nk; ++j) {
       float* s = ws.st + size_t(j) * mp + c;
-      vf p = exp2v(load(s) - m_use);
+      VecF p = exp_nonpos(load(s) - m_use);
       store(s, p);
       sum += p;
     }
-    for (int j = nk; j < nk4; ++j) store(ws.st + size_t(j) * mp + c, vf{});
+    for (int j = nk; j < nk4; ++j) store(ws.st + size_t(j) * mp + c, VecF{});
     store(ws.l + c, load(ws.l + c) * alpha + sum);
     store(ws.m + c, m_new);
     store(ws.alpha + c, alpha);
@@ -216,7 +172,6 @@ D2F_INLINE void process_item(const AttentionParams& p, const Item& it, Workspace
   const int rows = (it.t1 - it.t0) * G;
   const int mp = (rows + kRowChunk - 1) / kRowChunk * kRowChunk;
   const int32_t* bid = p.block_ids + size_t(it.b) * p.window;
-  const float qscale = p.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
 
   const T* q = static_cast<const T*>(p.q) + it.b * p.q_batch_stride;
   std::memset(ws.qt, 0, sizeof(float) * D * mp);
@@ -228,7 +183,7 @@ D2F_INLINE void process_item(const AttentionParams& p, const Item& it, Workspace
   }
   for (int i = 0; i < rows; ++i) {
     const T* src = q + (it.t0 + i / G) * p.q_row_stride + (it.kvh * G + i % G) * p.q_head_stride;
-    for (int d = 0; d < D; ++d) ws.qt[size_t(d) * mp + i] = to_float(src[d]) * qscale;
+    for (int d = 0; d < D; ++d) ws.qt[size_t(d) * mp + i] = to_float(src[d]) * p.scale;
   }
 
   const int c = p.cache_rows ? p.cache_rows[it.b] : it.b;

@@ -7,67 +7,22 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "kernels.h"
 
 namespace d2f {
 namespace {
+
+using namespace simd;
 
 constexpr int kChunk = 2048;  // floats per chunk: 8 KiB, stays in L1 across the chunk's passes
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Gumbel noise is at most -log(-log(u_max)) with u_max = 1 - 2^-25, i.e. about 17.33: a value
 // whose logit plus this bound cannot beat the best score so far needs no noise computed.
 constexpr double kGumbelBound = 17.5;
-
-inline float as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t as_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-// Eight float lanes as a GCC vector: the hot loops below are written on it directly because the
-// auto-vectoriser leaves the exp loop scalar without -ffast-math. Without AVX2 (the "default"
-// clone) GCC splits each operation into two SSE ones.
-// Everything here is internal and inlined, so the vector-return ABI warning does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float VecF __attribute__((vector_size(32)));
-typedef int32_t VecI __attribute__((vector_size(32)));
-constexpr int kVec = 8;
-
-inline VecF splat(float x) { return VecF{} + x; }
-inline VecF load_vec(const float* p) {
-  VecF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// exp for x <= 0 (values minus their max): exactly 0 below -87, about 1 ulp elsewhere.
-inline VecF exp_nonpos(VecF x) {
-  const VecI tiny = x < -87.0f;
-  const VecF xc = tiny ? splat(-87.0f) : x;
-  const VecF t = xc * 1.44269504088896341f;
-  const VecF n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: |t| < 2^22
-  VecF r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  VecF y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
-  return tiny ? splat(0.0f) : y * (VecF)bits;
-}
-inline float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
 
 // log for positive normal x, about 1 ulp.
 inline VecF log_pos(VecF x) {
@@ -97,38 +52,27 @@ inline VecF log_pos(VecF x) {
 
 inline float lane_sum(VecF v) {
   float s = 0.0f;
-  for (int j = 0; j < kVec; ++j) s += v[j];
+  for (int j = 0; j < kLanes; ++j) s += v[j];
   return s;
 }
 inline float lane_max(VecF v) {
   float s = v[0];
-  for (int j = 1; j < kVec; ++j) s = std::max(s, v[j]);
+  for (int j = 1; j < kLanes; ++j) s = std::max(s, v[j]);
   return s;
 }
-inline VecF vmax(VecF a, VecF b) { return a < b ? b : a; }
-inline VecF vmin(VecF a, VecF b) { return b < a ? b : a; }
 
 struct Bf16 {
-  static float load(const uint16_t* p, int i) { return as_float(static_cast<uint32_t>(p[i]) << 16); }
+  static float load(const uint16_t* p, int i) { return bf16_to_float(p[i]); }
 };
 struct F16 {
-  // Exact for normals and subnormals: shifting the exponent+mantissa into float position and
-  // scaling by 2^112 rebiases the exponent; inf/nan keep an all-ones exponent.
-  static float load(const uint16_t* p, int i) {
-    const uint32_t h = p[i];
-    const uint32_t em = h & 0x7fffu;
-    const float mag = as_float(em << 13) * 0x1p112f;
-    const uint32_t special = (em << 13) | 0x7f800000u;
-    const uint32_t bits = (em >= 0x7c00u ? special : as_bits(mag)) | ((h & 0x8000u) << 16);
-    return as_float(bits);
-  }
+  static float load(const uint16_t* p, int i) { return fp16_to_float(p[i]); }
 };
 struct F32 {
   static float load(const float* p, int i) { return p[i]; }
 };
 
 // Reads n values into buf (divided by T when T > 0, as the reference divides the float row)
-// and pads buf to a multiple of kVec with -inf, which no reduction below notices.
+// and pads buf to a multiple of kLanes with -inf, which no reduction below notices.
 template <class E, class T>
 inline int load_chunk(const T* src, int n, float temperature, float* buf) {
   if (temperature > 0.0f) {
@@ -138,7 +82,7 @@ inline int load_chunk(const T* src, int n, float temperature, float* buf) {
 #pragma omp simd
     for (int i = 0; i < n; ++i) buf[i] = E::load(src, i);
   }
-  const int padded = (n + kVec - 1) / kVec * kVec;
+  const int padded = (n + kLanes - 1) / kLanes * kLanes;
   for (int i = n; i < padded; ++i) buf[i] = kNegInf;
   return padded;
 }
@@ -167,15 +111,15 @@ inline __attribute__((always_inline)) RowResult row_stats(const T* row, int voca
     const int padded = load_chunk<E>(row + c0, n, temperature, buf);
     float cmax;
     if (margin) {
-      for (int i = 0; i < padded; i += kVec) {
-        const VecF x = load_vec(buf + i);
-        top2 = vmax(top2, vmin(top1, x));
-        top1 = vmax(top1, x);
+      for (int i = 0; i < padded; i += kLanes) {
+        const VecF x = load(buf + i);
+        top2 = vmax(vmin(x, top1), top2);
+        top1 = vmax(x, top1);
       }
       cmax = lane_max(top1);  // the running max, which is >= m only if this chunk holds it
     } else {
       VecF mx = splat(kNegInf);
-      for (int i = 0; i < padded; i += kVec) mx = vmax(mx, load_vec(buf + i));
+      for (int i = 0; i < padded; i += kLanes) mx = vmax(load(buf + i), mx);
       cmax = lane_max(mx);
     }
     if (cmax > m) {  // strictly: an equal max of a later chunk keeps the earlier index
@@ -187,7 +131,7 @@ inline __attribute__((always_inline)) RowResult row_stats(const T* row, int voca
     }
     if (m > kNegInf) {
       VecF acc = splat(0.0f);
-      for (int i = 0; i < padded; i += kVec) acc += exp_nonpos(load_vec(buf + i) - m);
+      for (int i = 0; i < padded; i += kLanes) acc += exp_nonpos(load(buf + i) - m);
       s += lane_sum(acc);
     }
     if (sample && static_cast<double>(cmax) + kGumbelBound > best) {
@@ -211,7 +155,7 @@ inline __attribute__((always_inline)) RowResult row_stats(const T* row, int voca
     r.conf = r.p;
   } else if (margin) {
     float a = kNegInf, b = kNegInf;  // the two largest of the lanes' lists, duplicates kept
-    for (int j = 0; j < kVec; ++j) {
+    for (int j = 0; j < kLanes; ++j) {
       for (float x : {top1[j], top2[j]}) {
         if (x > a) {
           b = a;
@@ -227,8 +171,8 @@ inline __attribute__((always_inline)) RowResult row_stats(const T* row, int voca
     VecF acc = splat(0.0f);
     for (int c0 = 0; c0 < vocab; c0 += kChunk) {
       const int padded = load_chunk<E>(row + c0, std::min(kChunk, vocab - c0), temperature, buf);
-      for (int i = 0; i < padded; i += kVec) {
-        const VecF q = exp_nonpos(load_vec(buf + i) - m) * inv_s;
+      for (int i = 0; i < padded; i += kLanes) {
+        const VecF q = exp_nonpos(load(buf + i) - m) * inv_s;
         acc += q * log_pos(q + 1e-10f);
       }
     }
