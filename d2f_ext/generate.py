@@ -36,17 +36,15 @@ def _settings(model, generation_config, max_new_tokens, kwargs):
     if generation_config is not None:
         gc = generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
         s.update({k: v for k, v in gc.items() if v is not None})
-        if not gc.get("do_sample"):
-            for k in ("temperature", "top_k", "top_p"):
-                s.pop(k, None)
     unknown = set(kwargs) - _D2F_FIELDS - {"do_sample", "eos_token_id", "pad_token_id"}
     if unknown:
         raise TypeError(f"generate() got unexpected keyword argument(s): {sorted(unknown)}")
     s.update(kwargs)
     if max_new_tokens is not None:
         s["max_new_tokens"] = max_new_tokens
-    if s.pop("do_sample", False) is False:
-        s.pop("temperature", None), s.pop("top_k", None), s.pop("top_p", None)
+    if not s.pop("do_sample", False):  # greedy, as in transformers: sampling settings are ignored
+        for k in ("temperature", "top_k", "top_p"):
+            s.pop(k, None)
     eos = s.pop("eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None

@@ -117,3 +117,14 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path):
     assert len(out.getvalue().splitlines()) >= 2
     stats = err.getvalue()
     assert "new_tokens=" in stats and "forwards=" in stats and "tokens_per_s=" in stats
+
+
+def test_sampling_only_with_do_sample(model):
+    enc = _encode(model, ["the sun and the moon"])
+    greedy = model.generate(**enc, max_new_tokens=16, **KW)
+    ignored = model.generate(**enc, max_new_tokens=16, temperature=5.0, **KW)
+    assert torch.equal(greedy, ignored)  # transformers semantics: no do_sample, no sampling
+    a = model.generate(**enc, max_new_tokens=16, do_sample=True, temperature=5.0, seed=1, **KW)
+    b = model.generate(**enc, max_new_tokens=16, do_sample=True, temperature=5.0, seed=1, **KW)
+    c = model.generate(**enc, max_new_tokens=16, do_sample=True, temperature=5.0, seed=2, **KW)
+    assert torch.equal(a, b) and not torch.equal(a, greedy) and not torch.equal(a, c)
