@@ -17,7 +17,16 @@ def load_tokenizer(folder: Union[str, os.PathLike]):
     if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(folder)
+    from transformers.utils import logging as hf_logging
+
+    # transformers does not know model_type "llada" (this project reads the weights itself), so
+    # its config lookup for the tokenizer warns about a type mismatch that does not apply here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 class AutoD2FModel:

@@ -49,7 +49,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except (ValueError, TypeError, OSError) as e:  # bad arguments or files: a message, not a traceback
+        print(f"d2f-generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(a: argparse.Namespace) -> int:
     model = AutoD2FModel.from_pretrained(a.model or default_model(), adapter=a.adapter,
                                          dtype=DTYPES[a.dtype], device=a.device)
     tok = model.tokenizer

@@ -128,3 +128,13 @@ def test_sampling_only_with_do_sample(model):
     b = model.generate(**enc, max_new_tokens=16, do_sample=True, temperature=5.0, seed=1, **KW)
     c = model.generate(**enc, max_new_tokens=16, do_sample=True, temperature=5.0, seed=2, **KW)
     assert torch.equal(a, b) and not torch.equal(a, greedy) and not torch.equal(a, c)
+
+
+def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, tiny_checkpoint):
+    for argv, needle in [(["--model", str(tmp_path / "missing")], "does not exist"),
+                         (["--model", tiny_checkpoint("llada", seed=5), "--max-new-tokens", "8",
+                           "--block-size", "16"], "max_new_tokens")]:
+        err = io.StringIO()
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            assert cli.main(argv) == 2
+        assert "d2f-generate: error:" in err.getvalue() and needle in err.getvalue()
