@@ -201,3 +201,43 @@ def run(params: dict[str, torch.nn.Parameter], step_loss: Callable[[int], tuple[
             _save_state(out, params, opt, done)
             save()
     return losses
+
+
+def add_pretraining_args(p, steps: int) -> None:
+    """The arguments of the from-scratch trainers (teacher and AR baseline), which must match for
+    the two models to be comparable."""
+    p.add_argument("--out", required=True, help="checkpoint folder (also holds the resume state)")
+    p.add_argument("--tokenizer", help="folder of an existing tokenizer to share (default: train one)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, help="MLP width (default 3 x hidden)")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--train-size", type=int, default=100000, help="distinct training problems")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from the state in --out")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+
+
+def start_pretraining(a, build_model):
+    """Threads, seed, output folder, tokenizer, the model (in train mode) and the training
+    problems, as the from-scratch trainers set them up: returns (tokenizer, model, problems)."""
+    import task_math
+    import tokenizer_math
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    os.makedirs(a.out, exist_ok=True)
+    tok = tokenizer_math.load_or_build(a.out, a.tokenizer, a.seed)
+    model = build_model(tok, a.hidden, a.layers, a.heads, a.intermediate or 3 * a.hidden, a.max_len)
+    model.to(a.device).train()
+    return tok, model, task_math.problems("train", a.train_size, a.seed)
+

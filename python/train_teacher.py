@@ -20,7 +20,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import task_math  # noqa: E402
-import tokenizer_math  # noqa: E402
 import train_common as tc  # noqa: E402
 from d2f_ext.models import ModelConfig, model_for_config  # noqa: E402
 from d2f_ext.models.tiny import _llada_config  # noqa: E402
@@ -54,39 +53,15 @@ def build_model(tokenizer, hidden: int, layers: int, heads: int, intermediate: i
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="checkpoint folder (also holds the resume state)")
-    p.add_argument("--tokenizer", help="folder of an existing tokenizer to share (default: train one)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, help="MLP width (default 3 x hidden)")
-    p.add_argument("--max-len", type=int, default=512)
+    tc.add_pretraining_args(p, steps=6000)
     p.add_argument("--gen-len", type=int, default=64, help="response canvas, filled with EOS")
-    p.add_argument("--train-size", type=int, default=100000, help="distinct training problems")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--eps", type=float, default=1e-3, help="smallest mask ratio")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from the state in --out")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[float]:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    os.makedirs(a.out, exist_ok=True)
-    tok = tokenizer_math.load_or_build(a.out, a.tokenizer, a.seed)
-    model = build_model(tok, a.hidden, a.layers, a.heads, a.intermediate or 3 * a.hidden, a.max_len)
-    model.to(a.device).train()
-    problems = task_math.problems("train", a.train_size, a.seed)
+    tok, model, problems = tc.start_pretraining(a, build_model)
     pairs = tc.encode_pairs(tok, [task_math.format_prompt(q.question) for q in problems],
                             [q.solution for q in problems], tok.eos_token_id, a.gen_len)
     mask_id = model.config.mask_token_id
