@@ -100,6 +100,7 @@ def test_eos_stops_new_blocks_and_ends_the_row(model):
     out = d2f_decode(model, prompt, cfg, eos_id=first)
     ref = reference_decode(model, prompt, cfg, eos_id=first)
     assert out.tokens_before_eos(first) == ref.tokens_before_eos(first) == [[]]
+    assert out.forwards.tolist() == ref.forwards.tolist()
     assert int(out.forwards[0]) <= int(free.forwards[0])
     blocks_decoded = (out.generated[0] != model.config.mask_token_id).sum().item()
     assert blocks_decoded < free.generated.shape[1]

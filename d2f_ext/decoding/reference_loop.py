@@ -72,10 +72,12 @@ def _decode_row(model, prompt: list[int], cfg: D2FConfig, eos: int | None):
         for i in range(len(blocks) - 1):
             if fraction(blocks[i]) >= cfg.decoded_token_threshold:
                 blocks[i + 1]["full"] = True
-        # 3. done (after an EOS, once everything before it is decoded: same output)
+        # 3. done; after an EOS, once every block up to the one holding the first EOS is decoded
+        # (later blocks cannot change the output: nothing attends to them)
         if eos_seen:
             first = seq.index(eos, len(prompt))
-            if mask not in seq[len(prompt):first]:
+            holder = next(i for i, b in enumerate(blocks) if b["start"] <= first < b["start"] + b["len"])
+            if not any(b["masked"] for b in blocks[: holder + 1]):
                 break
         elif all(b["state"] != "active" for b in blocks) and not any(b["masked"] for b in blocks):
             break
