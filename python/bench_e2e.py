@@ -1,0 +1,373 @@
+"""The end-to-end table of the D2F recipe on the math task: accuracy and speed of the AR baseline
+(transformers generate, greedy, KV cache), the teacher under vanilla and Fast-dLLM-mode decoding,
+and the D2F student on the kernel path and on the plain-PyTorch reference loop, in one run on the
+same held-out problems (task_math test split), batch 1.
+
+Per method: accuracy (answer_of on the decoded text), generated tokens/s (tokens before EOS
+only), forwards per sequence and tokens per forward. Methods alternate problem by problem so that
+machine noise hits all alike. Writes e2e.json, e2e.md and e2e.png (tokens/s vs accuracy); --sweep
+adds the student over a skip_threshold x block_add_threshold grid (sweep.json, .md, .png).
+--smoke trains tiny models in a temporary folder and checks the outputs (CI).
+
+    python python/bench_e2e.py --teacher runs/teacher --student runs/student --ar runs/ar --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# The installed package first: train_common (imported by --smoke) puts the source tree on the
+# path, whose d2f_ext may have no compiled extension, and the kernel path must be the kernels.
+import d2f_ext  # noqa: E402,F401
+import torch  # noqa: E402
+
+import task_math  # noqa: E402
+from bench_common import environment, write_json, write_markdown  # noqa: E402
+from d2f_ext import D2FConfig  # noqa: E402
+from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode  # noqa: E402
+from d2f_ext.models import load_adapter, load_model  # noqa: E402
+
+METHODS = ("ar", "teacher-vanilla", "teacher-fast-dllm", "d2f", "d2f-reference")
+SWEEP_SKIP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+SWEEP_ADD = (0.1, 0.5, 0.9)
+
+
+@dataclasses.dataclass
+class Method:
+    """decode(prompt ids) -> (generated tokens before EOS, forwards); tokenizer turns them to text."""
+
+    decode: Callable[[list[int]], tuple[list[int], int]]
+    tokenizer: object
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="runs/teacher", help="checkpoint folder of the masked-diffusion teacher")
+    p.add_argument("--student", help="checkpoint folder of the D2F student (default: the teacher, "
+                   "for --student-adapter)")
+    p.add_argument("--student-adapter", help="PEFT LoRA adapter merged into --student at load")
+    p.add_argument("--ar", default="runs/ar", help="folder saved by train_ar.py")
+    p.add_argument("--problems", type=int, default=100, help="held-out problems (task_math test split)")
+    p.add_argument("--seed", type=int, default=0, help="test-split seed")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (training's gen_len)")
+    p.add_argument("--block-size", type=int, default=16, help="as in distillation")
+    p.add_argument("--block-add-threshold", type=float, default=0.1)
+    p.add_argument("--decoded-token-threshold", type=float, default=0.95)
+    p.add_argument("--skip-threshold", type=float, default=0.9)
+    p.add_argument("--vanilla-steps", type=int, help="default: max-new-tokens (one token a step)")
+    p.add_argument("--sweep", action="store_true", help="also run the student over the threshold grid")
+    p.add_argument("--sweep-skip", type=_floats, default=SWEEP_SKIP, help="comma-separated skip thresholds")
+    p.add_argument("--sweep-add", type=_floats, default=SWEEP_ADD, help="comma-separated block-add thresholds")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="results/e2e")
+    p.add_argument("--smoke", action="store_true", help="train tiny models in a temp folder, 3 problems, check outputs")
+    return p.parse_args(argv)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def d2f_config(a, **override) -> D2FConfig:
+    return D2FConfig(**{**dict(block_size=a.block_size, block_add_threshold=a.block_add_threshold,
+                               decoded_token_threshold=a.decoded_token_threshold,
+                               skip_threshold=a.skip_threshold, max_new_tokens=a.max_new_tokens), **override})
+
+
+def _diffusion(model, run) -> Callable[[list[int]], tuple[list[int], int]]:
+    def decode(ids):
+        out = run(model, ids)
+        return out.tokens_before_eos(model.config.eos_token_id)[0], int(out.forwards[0])
+    return decode
+
+
+def _ar(model, eos: int, pad: int, max_new: int, device) -> Callable[[list[int]], tuple[list[int], int]]:
+    def decode(ids):
+        x = torch.tensor([ids], device=device)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=eos, pad_token_id=pad)[0, len(ids):].tolist()
+        # One forward per new token (the first is the prefill), the EOS's included.
+        return (out[: out.index(eos)] if eos in out else out), len(out)
+    return decode
+
+
+def load_methods(a):
+    """(the five methods, the models by name, the student's tokenizer): the sweep reuses the student."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = load_model(a.teacher, device=a.device).eval()
+    student = load_model(a.student or a.teacher, device=a.device).eval()
+    if a.student_adapter:
+        load_adapter(student, a.student_adapter)
+    ar = AutoModelForCausalLM.from_pretrained(a.ar, dtype=torch.float32).to(a.device).eval()
+    t_tok, s_tok, ar_tok = (AutoTokenizer.from_pretrained(f) for f in (a.teacher, a.student or a.teacher, a.ar))
+    cfg = d2f_config(a)
+    steps = a.vanilla_steps or a.max_new_tokens
+    methods = {
+        "ar": Method(_ar(ar, ar_tok.eos_token_id, ar_tok.pad_token_id, a.max_new_tokens, a.device), ar_tok),
+        "teacher-vanilla": Method(_diffusion(teacher, lambda m, ids: vanilla_decode(
+            m, [ids], max_new_tokens=a.max_new_tokens, block_size=a.block_size, steps=steps)), t_tok),
+        "teacher-fast-dllm": Method(_diffusion(teacher, lambda m, ids: d2f_decode(
+            m, [ids], D2FConfig.fast_dllm(**dataclasses.asdict(cfg)))), t_tok),
+        "d2f": Method(_diffusion(student, _d2f_with(cfg)), s_tok),
+        "d2f-reference": Method(_diffusion(student, lambda m, ids: reference_decode(m, [ids], cfg)), s_tok),
+    }
+    return methods, dict(teacher=teacher, student=student, ar=ar), s_tok
+
+
+def evaluate(methods: dict[str, Method], problems, desc: str) -> dict[str, dict]:
+    """Per method: totals and one record per problem. Each method runs once on the first problem
+    untimed (thread pools, allocator, generate's setup); then per problem every method runs, in
+    an order rotated by one each problem so that none is always first after another's cache use."""
+    from tqdm import tqdm
+
+    prompts = {n: [m.tokenizer(task_math.format_prompt(p.question), add_special_tokens=False).input_ids
+                   for p in problems] for n, m in methods.items()}
+    for n, m in methods.items():
+        m.decode(prompts[n][0])
+    names = list(methods)
+    res = {n: dict(seconds=0.0, tokens=0, forwards=0, correct=0, records=[]) for n in names}
+    bar = tqdm(range(len(problems)), desc=desc, dynamic_ncols=True)
+    for i in bar:
+        order = names[i % len(names):] + names[: i % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            toks, fwd = methods[n].decode(prompts[n][i])
+            dt = time.perf_counter() - t0
+            text = methods[n].tokenizer.decode(toks)
+            got = task_math.answer_of(text)
+            r = res[n]
+            r["seconds"] += dt
+            r["tokens"] += len(toks)
+            r["forwards"] += fwd
+            r["correct"] += got == problems[i].answer
+            r["records"].append(dict(answer=problems[i].answer, predicted=got, tokens=len(toks), forwards=fwd,
+                                     seconds=dt, text=text, ids=toks))
+        if len(names) <= len(METHODS):  # a sweep's grid would not fit on one line
+            bar.set_postfix(acc=" ".join(f"{res[n]['correct'] / (i + 1):.2f}" for n in names))
+    return {n: summary(r, len(problems)) for n, r in res.items()}
+
+
+def summary(r: dict, n: int) -> dict:
+    return dict(accuracy=r["correct"] / n, tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] else 0.0,
+                forwards_per_sequence=r["forwards"] / n, tokens_per_forward=r["tokens"] / max(r["forwards"], 1),
+                generated_tokens=r["tokens"], forwards=r["forwards"], seconds=r["seconds"], problems=n,
+                records=r["records"])
+
+
+def _over(x: float, y: float):
+    # None, not inf, when the baseline generated nothing: JSON has no infinity.
+    return x / y if y else None
+
+
+def ratios(rows: dict[str, dict]) -> dict:
+    d, van, ar = rows["d2f"], rows["teacher-vanilla"], rows["ar"]
+    return dict(d2f_over_ar_speed=_over(d["tokens_per_s"], ar["tokens_per_s"]),
+                d2f_over_vanilla_speed=_over(d["tokens_per_s"], van["tokens_per_s"]),
+                d2f_minus_vanilla_points=100 * (d["accuracy"] - van["accuracy"]),
+                d2f_minus_ar_points=100 * (d["accuracy"] - ar["accuracy"]))
+
+
+def report(rows: dict[str, dict], r: dict) -> None:
+    """The table, then the ratios against the issue's targets: student tokens/s >= 2x AR and
+    >= 20x teacher-vanilla, student accuracy no more than 2 points below either."""
+    print(f"\n{'method':18} {'acc':>6} {'tok/s':>9} {'fwd/seq':>8} {'TPF':>6}")
+    for n, s in rows.items():
+        print(f"{n:18} {s['accuracy']:6.3f} {s['tokens_per_s']:9.1f} {s['forwards_per_sequence']:8.1f} "
+              f"{s['tokens_per_forward']:6.2f}")
+
+    def line(label, value, unit, target, met):
+        shown = "n/a" if value is None else f"{value:{'+.1f' if unit == ' points' else '.2f'}}{unit}"
+        print(f"{label:25} {shown:>12}  (target {target}: {'n/a' if value is None else 'met' if met else 'NOT met'})")
+
+    for key, label, want in (("d2f_over_ar_speed", "D2F / AR tokens/s", 2), ("d2f_over_vanilla_speed",
+                                                                            "D2F / vanilla tokens/s", 20)):
+        line(label, r[key], "x", f">= {want}x", r[key] is not None and r[key] >= want)
+    for key, label in (("d2f_minus_vanilla_points", "D2F - vanilla accuracy"), ("d2f_minus_ar_points",
+                                                                               "D2F - AR accuracy")):
+        line(label, r[key], " points", ">= -2 points", r[key] >= -2)
+
+
+def table_rows(rows: dict[str, dict], ar_speed: float | None = None) -> list[list]:
+    out = []
+    for n, s in rows.items():
+        vs = _over(s["tokens_per_s"], ar_speed) if ar_speed is not None else None
+        out.append([n, f"{s['accuracy'] * 100:.1f}%", f"{s['tokens_per_s']:.1f}", f"{s['forwards_per_sequence']:.1f}",
+                    f"{s['tokens_per_forward']:.2f}", "n/a" if vs is None else f"{vs:.2f}x"])
+    return out
+
+
+HEADER = ["method", "accuracy", "tokens / s", "forwards / sequence", "tokens / forward", "tokens / s vs AR"]
+
+
+def _axes():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 4))
+
+
+def plot(points: dict[str, dict], path: str, title: str) -> None:
+    fig, ax = _axes()
+    # A method that generated nothing has no place on a log axis; the table still lists it.
+    for n, s in ((n, s) for n, s in points.items() if s["tokens_per_s"] > 0):
+        ax.scatter(s["tokens_per_s"], 100 * s["accuracy"])
+        ax.annotate(n, (s["tokens_per_s"], 100 * s["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    _finish(fig, ax, path, title)
+
+
+def plot_sweep(sweep: list[dict], path: str) -> None:
+    fig, ax = _axes()
+    for add in sorted({s["block_add_threshold"] for s in sweep}):
+        pts = sorted((s for s in sweep if s["block_add_threshold"] == add and s["tokens_per_s"] > 0),
+                     key=lambda s: s["skip_threshold"])
+        ax.plot([s["tokens_per_s"] for s in pts], [100 * s["accuracy"] for s in pts], "o-",
+                label=f"block_add_threshold {add}")
+        for s in pts:
+            ax.annotate(f"{s['skip_threshold']}", (s["tokens_per_s"], 100 * s["accuracy"]),
+                        textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.legend(fontsize=8)
+    _finish(fig, ax, path, "D2F student: skip_threshold (labels) x block_add_threshold")
+
+
+def _finish(fig, ax, path, title):
+    # Methods span orders of magnitude in speed (vanilla vs D2F), hence the log axis.
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens / s")
+    ax.set_ylabel("accuracy (%)")
+    lo, hi = ax.get_ylim()
+    # Autoscale zooms in on the points but may run past what an accuracy can be.
+    ax.set_ylim(max(0.0, lo) - 1, min(100.0, hi) + 1)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # a sweep after the table: figures would pile up in pyplot's registry
+
+
+def run_sweep(a, student, tokenizer, problems) -> list[dict]:
+    grid = [(skip, add) for skip in a.sweep_skip for add in a.sweep_add]
+    methods = {f"skip={skip} add={add}": Method(_diffusion(student, _d2f_with(
+        d2f_config(a, skip_threshold=skip, block_add_threshold=add))), tokenizer) for skip, add in grid}
+    res = evaluate(methods, problems, "sweep")
+    return [dict(skip_threshold=skip, block_add_threshold=add,
+                 **{k: v for k, v in s.items() if k != "records"}) for (skip, add), s in zip(grid, res.values())]
+
+
+def _d2f_with(cfg: D2FConfig):
+    return lambda m, ids: d2f_decode(m, [ids], cfg)
+
+
+def train_smoke(folder: str) -> dict[str, str]:
+    """Tiny teacher, AR baseline (sharing the teacher's tokenizer) and fully fine-tuned student,
+    a few steps each: enough for well-formed checkpoints, not for accuracy."""
+    import distill
+    import train_ar
+    import train_teacher
+
+    # So few steps at so low a rate that the teacher does not yet fill its canvas with EOS: the
+    # decoders then generate all max_new_tokens, and kernel path vs reference loop compares them.
+    tiny = ["--hidden", "32", "--layers", "2", "--heads", "2", "--batch", "8", "--train-size", "64",
+            "--warmup", "2", "--steps", "4", "--lr", "5e-4"]
+    paths = {k: os.path.join(folder, k) for k in ("teacher", "ar", "student")}
+    train_teacher.main(["--out", paths["teacher"], *tiny])
+    train_ar.main(["--out", paths["ar"], "--tokenizer", paths["teacher"], *tiny])
+    distill.main(["--teacher", paths["teacher"], "--out", paths["student"], "--full-finetune", "--steps", "3",
+                  "--batch", "4", "--train-size", "8", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"])
+    return paths
+
+
+def check(payload: dict) -> None:
+    """Raise ValueError unless the results are well formed: every method, finite numbers,
+    accuracy in [0, 1], at least one forward a sequence, and the kernel path decoding exactly
+    the reference loop's tokens."""
+    rows = payload.get("methods", {})
+    missing = [n for n in METHODS if n not in rows]
+    if missing:
+        raise ValueError(f"methods missing from the results: {missing}")
+    for n in METHODS:
+        s = rows[n]
+        for k in ("accuracy", "tokens_per_s", "forwards_per_sequence", "tokens_per_forward", "seconds"):
+            if not isinstance(s.get(k), (int, float)) or not math.isfinite(s[k]):
+                raise ValueError(f"{n}: {k} is not a finite number: {s.get(k)!r}")
+        if not 0.0 <= s["accuracy"] <= 1.0:
+            raise ValueError(f"{n}: accuracy {s['accuracy']} outside [0, 1]")
+        if s["seconds"] <= 0 or len(s["records"]) != s["problems"]:
+            raise ValueError(f"{n}: {len(s['records'])} records for {s['problems']} problems in {s['seconds']} s")
+        if any(r["forwards"] < 1 for r in s["records"]):
+            raise ValueError(f"{n}: a sequence took no forward")
+    if not payload["kernel_equals_reference"]:
+        raise ValueError("the kernel path and the reference loop decoded different tokens")
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    threads = torch.get_num_threads()
+    if a.smoke and not a.threads:
+        # Tiny models gain nothing from threads, and on shared CI cores a second OpenMP thread
+        # waiting for a busy core makes each small matmul ~100x slower.
+        a.threads = 1
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tmp = None
+    if a.smoke:
+        tmp = tempfile.TemporaryDirectory(prefix="d2f_e2e_")
+        paths = train_smoke(tmp.name)
+        a.teacher, a.student, a.student_adapter, a.ar = paths["teacher"], paths["student"], None, paths["ar"]
+        a.problems = min(a.problems, 3)
+        a.sweep_skip, a.sweep_add = a.sweep_skip[:2], a.sweep_add[:2]
+        a.sweep = True  # the sweep's code path runs in CI too, on a 2 x 2 grid
+    try:
+        return _run(a)
+    finally:
+        torch.set_num_threads(threads)  # main is also called in-process, by the tests
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _run(a) -> dict:
+    problems = task_math.problems("test", a.problems, a.seed)
+    methods, models, s_tok = load_methods(a)
+    student = models["student"]
+    rows = evaluate(methods, problems, "e2e")
+    same = [r["ids"] for r in rows["d2f"]["records"]] == [r["ids"] for r in rows["d2f-reference"]["records"]]
+    r = ratios(rows)
+    report(rows, r)
+    print(f"kernel path == reference loop on every problem: {same}")
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    payload = dict(env=environment(), args=vars(a), methods=rows, ratios=r,
+                   kernel_equals_reference=same, params=params)
+    write_json(os.path.join(a.out, "e2e.json"), payload)
+    write_markdown(os.path.join(a.out, "e2e.md"), HEADER, table_rows(rows, rows["ar"]["tokens_per_s"]))
+    plot(rows, os.path.join(a.out, "e2e.png"), f"{a.problems} held-out problems, batch 1, "
+         f"threads={torch.get_num_threads()}")
+    if a.sweep:
+        sweep = run_sweep(a, student, s_tok, problems)
+        write_json(os.path.join(a.out, "sweep.json"), dict(env=payload["env"], args=payload["args"], rows=sweep))
+        cells = [table_rows({"": s}, rows["ar"]["tokens_per_s"])[0][1:] for s in sweep]
+        write_markdown(os.path.join(a.out, "sweep.md"), ["skip_threshold", "block_add_threshold"] + HEADER[1:],
+                       [[s["skip_threshold"], s["block_add_threshold"]] + c for s, c in zip(sweep, cells)])
+        plot_sweep(sweep, os.path.join(a.out, "sweep.png"))
+        payload["sweep"] = sweep
+    if a.smoke:
+        check(payload)
+        print("smoke: outputs well formed")
+    print(f"wrote {a.out}/e2e.json, e2e.md, e2e.png" + (", sweep.json, sweep.md, sweep.png" if a.sweep else ""))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The end-to-end benchmark's smoke path (tiny models trained on the spot, 3 problems) produces a
+well-formed table, and its output check rejects malformed results."""
+
+import copy
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
+
+import bench_e2e  # noqa: E402
+import task_math  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    payload = bench_e2e.main(["--smoke", "--out", str(out)])
+    return out, payload
+
+
+def test_smoke_writes_all_methods_with_consistent_numbers(smoke):
+    out, _ = smoke
+    with open(out / "e2e.json") as f:
+        saved = json.load(f)
+    rows = saved["methods"]
+    assert list(rows) == list(bench_e2e.METHODS)
+    problems = task_math.problems("test", 3, 0)
+    for s in rows.values():
+        recs = s["records"]
+        assert s["problems"] == len(recs) == 3
+        assert [r["answer"] for r in recs] == [p.answer for p in problems]
+        assert 0.0 <= s["accuracy"] <= 1.0
+        # Each summary number is what its records add up to.
+        assert s["accuracy"] == pytest.approx(sum(task_math.answer_of(r["text"]) == r["answer"] for r in recs) / 3)
+        assert s["generated_tokens"] == sum(len(r["ids"]) for r in recs) == sum(r["tokens"] for r in recs)
+        assert s["forwards"] == sum(r["forwards"] for r in recs) and all(r["forwards"] >= 1 for r in recs)
+        assert s["forwards_per_sequence"] == pytest.approx(s["forwards"] / 3)
+        assert s["tokens_per_forward"] == pytest.approx(s["generated_tokens"] / s["forwards"])
+        assert s["tokens_per_s"] == pytest.approx(s["generated_tokens"] / s["seconds"])
+        assert all(math.isfinite(s[k]) for k in ("tokens_per_s", "seconds", "tokens_per_forward"))
+        assert all(len(r["ids"]) <= saved["args"]["max_new_tokens"] for r in recs)
+    assert saved["kernel_equals_reference"] is True
+    assert [r["ids"] for r in rows["d2f"]["records"]] == [r["ids"] for r in rows["d2f-reference"]["records"]]
+    # Vanilla decoding takes exactly its steps; the AR baseline one forward per new token.
+    assert all(r["forwards"] == saved["args"]["max_new_tokens"] for r in rows["teacher-vanilla"]["records"])
+    assert all(r["forwards"] in (r["tokens"], r["tokens"] + 1) for r in rows["ar"]["records"])
+    md = (out / "e2e.md").read_text().splitlines()
+    assert len(md) == 2 + len(bench_e2e.METHODS) and md[0].startswith("| method |")
+    assert (out / "e2e.png").stat().st_size > 0
+
+
+def test_smoke_sweep_covers_the_grid(smoke):
+    out, _ = smoke
+    with open(out / "sweep.json") as f:
+        sweep = json.load(f)["rows"]
+    grid = {(s["skip_threshold"], s["block_add_threshold"]) for s in sweep}
+    assert grid == {(a, b) for a in bench_e2e.SWEEP_SKIP[:2] for b in bench_e2e.SWEEP_ADD[:2]}
+    assert all(0 <= s["accuracy"] <= 1 and s["forwards_per_sequence"] >= 1 for s in sweep)
+    assert (out / "sweep.png").stat().st_size > 0
+    assert len((out / "sweep.md").read_text().splitlines()) == 2 + len(sweep)
+
+
+@pytest.mark.parametrize("breaks, message", [
+    (lambda p: p["methods"].pop("teacher-fast-dllm"), "missing"),
+    (lambda p: p["methods"]["ar"].update(tokens_per_s=float("nan")), "finite"),
+    (lambda p: p["methods"]["d2f"].update(accuracy=1.5), r"outside \[0, 1\]"),
+    (lambda p: p["methods"]["d2f-reference"]["records"][0].update(forwards=0), "no forward"),
+    (lambda p: p["methods"]["teacher-vanilla"]["records"].pop(), "records"),
+    (lambda p: p.update(kernel_equals_reference=False), "different tokens"),
+])
+def test_check_rejects_malformed_results(smoke, breaks, message):
+    _, payload = smoke
+    bench_e2e.check(payload)
+    bad = copy.deepcopy(payload)
+    breaks(bad)
+    with pytest.raises(ValueError, match=message):
+        bench_e2e.check(bad)
