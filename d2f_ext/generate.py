@@ -45,6 +45,10 @@ def _settings(model, generation_config, max_new_tokens, kwargs):
     if not s.pop("do_sample", False):  # greedy, as in transformers: sampling settings are ignored
         for k in ("temperature", "top_k", "top_p"):
             s.pop(k, None)
+    else:
+        s.setdefault("temperature", 1.0)  # transformers' default when sampling
+        # Unseeded sampling follows torch's global generator, so torch.manual_seed reproduces it.
+        s.setdefault("seed", int(torch.randint(0, 2 ** 62, (1,))))
     eos = s.pop("eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
@@ -73,6 +77,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     s = {k: v for k, v in s.items() if k in _D2F_FIELDS}
     if streamer is not None and len(prompts) != 1:
         raise ValueError("streamer supports batch size 1 only, as in transformers")
+    feed = _StreamFeed(streamer, input_ids[0], model.config.mask_token_id, eos) if streamer else None
     if decoder == "vanilla":
         bs = s.get("block_size", 32)
         new = s.get("max_new_tokens", 128)
@@ -83,8 +88,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if decoder == "reference":
             out = reference_decode(model, prompts, cfg, eos_id=eos)
         else:
-            on_step = _StreamFeed(streamer, input_ids[0], model.config.mask_token_id, eos) if streamer else None
-            out = d2f_decode(model, prompts, cfg, eos_id=eos, on_step=on_step)
+            out = d2f_decode(model, prompts, cfg, eos_id=eos, on_step=feed)
+    if feed is not None:
+        feed(out.generated, None)  # what is left (all of it, for decoders that do not stream)
     rows = out.tokens_before_eos(eos)
     hit = [len(r) < out.generated.shape[1] and int(out.generated[i, len(r)]) == eos
            if eos is not None else False for i, r in enumerate(rows)]

@@ -69,16 +69,20 @@ def gumbel_noise(seed: int, batch: int, window: int, vocab: int, device=None) ->
     return -torch.log(-torch.log(u))
 
 
-def token_stats(rows: torch.Tensor, temperature: float, confidence: int, noise=None):
-    """Chosen token, its probability and the confidence for logits rows [..., V]."""
+def token_stats(rows: torch.Tensor, temperature: float, confidence: int, noise=None, mask_id=None):
+    """Chosen token, its probability and the confidence for logits rows [..., V].
+
+    The mask token is never chosen (a position decoded to it would stay masked forever); its
+    probability still counts in the softmax, so p is what the unrestricted softmax gives."""
     x = rows.float()
     if temperature > 0:
         x = x / temperature
     probs = torch.softmax(x, dim=-1)
-    if temperature > 0:
-        token = (x.double() + noise).argmax(-1)
-    else:
-        token = x.argmax(-1)
+    score = x.double() + noise if temperature > 0 else x
+    if mask_id is not None and x.shape[-1] > 1:
+        score = score.clone()
+        score[..., mask_id] = float("-inf")
+    token = score.argmax(-1)
     p = probs.gather(-1, token[..., None])[..., 0]
     if confidence == L.CONF_MARGIN:
         top2 = probs.topk(2, dim=-1).values
@@ -96,7 +100,7 @@ def unmask(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos
     NB = fully_activated.shape[1]
     rows = logits if prev_logits is None else torch.cat([prev_logits[:, None], logits[:, :-1]], 1)
     noise = gumbel_noise(seed, B, W, V, logits.device) if temperature > 0 else None
-    token, p, conf = token_stats(rows, temperature, confidence, noise)
+    token, p, conf = token_stats(rows, temperature, confidence, noise, mask_id)
     counts = torch.zeros(B, NB, dtype=torch.int32, device=logits.device)
     eos_block = torch.full((B,), -1, dtype=torch.int32, device=logits.device)
     thr = torch.tensor(threshold, dtype=torch.float32)

@@ -42,7 +42,7 @@ class UnmaskSpy:
 
     def __call__(self, logits, tokens, block_ids, full, mask_id, **kw):
         rows = logits if kw.get("prev_logits") is None else torch.cat([kw["prev_logits"][:, None], logits[:, :-1]], 1)
-        _, p, _ = reference.token_stats(rows, 0.0, 0)
+        _, p, _ = reference.token_stats(rows, 0.0, 0, mask_id=mask_id)
         masked = (tokens == mask_id) & (block_ids >= 0)
         over = masked & (p > torch.tensor(kw["threshold"], dtype=torch.float32))
         counts, eos = self.inner(logits, tokens, block_ids, full, mask_id, **kw)
@@ -158,3 +158,22 @@ def test_finished_rows_leave_the_batch(model, monkeypatch):
     assert len(batch_sizes) == int(out.forwards.max())
     for step, size in enumerate(batch_sizes):
         assert size == int((out.forwards > step).sum())
+
+
+def test_model_that_predicts_the_mask_token_still_finishes(tiny_checkpoint):
+    """A head that ranks [MASK] first (here: a scaled copy of a frequent token's row) must not
+    stall the pipeline: decoding ends, no mask id is returned, both paths agree."""
+    model = load_model(tiny_checkpoint("llada", seed=3))
+    mask = model.config.mask_token_id
+    prompts = _prompts(model, 3, seed=8)
+    probe = torch.tensor([prompts[0] + [mask] * 8])
+    favourite = int(model(probe)[0, -8:].argmax(-1).mode().values)
+    head = model.model.transformer.ff_out.weight
+    with torch.no_grad():
+        head[mask] = 1.3 * head[favourite]
+    assert (model(probe)[0, -8:].argmax(-1) == mask).any()
+    cfg = CONFIGS[0]
+    got, want = d2f_decode(model, prompts, cfg), reference_decode(model, prompts, cfg)
+    assert got.generated.tolist() == want.generated.tolist()
+    assert got.forwards.tolist() == want.forwards.tolist()
+    assert not (got.generated == mask).any()

@@ -128,6 +128,23 @@ def test_sampling_only_with_do_sample(model):
     b = model.generate(**enc, max_new_tokens=16, do_sample=True, temperature=5.0, seed=1, **KW)
     c = model.generate(**enc, max_new_tokens=16, do_sample=True, temperature=5.0, seed=2, **KW)
     assert torch.equal(a, b) and not torch.equal(a, greedy) and not torch.equal(a, c)
+    torch.manual_seed(3)
+    d = model.generate(**enc, max_new_tokens=16, do_sample=True, **KW)  # temperature 1, torch's RNG
+    torch.manual_seed(3)
+    e = model.generate(**enc, max_new_tokens=16, do_sample=True, **KW)
+    assert torch.equal(d, e) and not torch.equal(d, greedy)
+
+
+@pytest.mark.parametrize("decoder", ["reference", "vanilla"])
+def test_streamer_with_non_streaming_decoders(model, decoder):
+    enc = _encode(model, ["the moon and the sun"])
+    buf = io.StringIO()
+    kw = dict(block_size=4) if decoder == "vanilla" else KW
+    with redirect_stdout(buf):
+        out = model.generate(**enc, max_new_tokens=16, decoder=decoder, **kw,
+                             streamer=TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True))
+    text = model.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert buf.getvalue().strip() == text.strip() and text.strip()
 
 
 def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, tiny_checkpoint):

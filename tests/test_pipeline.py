@@ -356,3 +356,20 @@ def test_opcheck(device):
     args[2][:, 1] = torch.tensor([1, 2], dtype=torch.int32)
     torch.library.opcheck(torch.ops.d2f_ext.pipeline_step, tuple(args))
 
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda rows, blocks, counts: rows.__setitem__((0, L.NUM_BLOCKS), 0), "NUM_BLOCKS"),
+    (lambda rows, blocks, counts: rows.__setitem__((0, L.NUM_BLOCKS), 99), "NUM_BLOCKS"),
+    (lambda rows, blocks, counts: blocks.__setitem__((0, L.LEN, 1), 0), "LEN"),
+    (lambda rows, blocks, counts: counts.__setitem__((0, 1), 5), "counts"),
+    (lambda rows, blocks, counts: counts.__setitem__((0, 1), -1), "counts"),
+])
+def test_state_not_made_by_block_pipeline_is_refused(corrupt, match):
+    """On the CPU the op verifies the state it is given instead of indexing past it."""
+    pipe = BlockPipeline(torch.tensor([3], dtype=torch.int32), 8, 4, 0.5, 0.9)
+    rows, blocks = pipe.rows.clone(), pipe.blocks.clone()
+    counts = torch.zeros(1, blocks.shape[2], dtype=torch.int32)
+    corrupt(rows, blocks, counts)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.d2f_ext.pipeline_step(rows, blocks, counts, torch.tensor([-1], dtype=torch.int32), 4, 0.5, 0.9)

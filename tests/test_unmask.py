@@ -233,3 +233,23 @@ def test_bad_device(device):
 
 def test_good_input_runs():
     torch.ops.d2f_ext.unmask(*_good().values())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("confidence", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_token_is_never_decoded(device, temperature, confidence, dtype):
+    """A model may give [MASK] the top logit; the position must still leave the masked set, with
+    the best other token and that token's probability under the full softmax."""
+    logits, tokens, bids, full, prev, mask_id = make_case(2, 16, 300, 3, dtype, device, seed=11)
+    logits[..., mask_id] = logits.float().amax(-1).to(dtype) + 4  # [MASK] wins everywhere
+    ours, counts, _ = run_both(logits, tokens, bids, full, None, mask_id, threshold=0.0,
+                               temperature=temperature, confidence=confidence)
+    was_masked = (tokens == mask_id) & (bids >= 0)
+    assert was_masked.any() and not (ours[was_masked] == mask_id).any()
+    assert int(counts.sum()) == int(was_masked.sum())
+    if temperature == 0.0:
+        x = logits.float().cpu()
+        expected = x.clone()
+        expected[..., mask_id] = float("-inf")
+        assert torch.equal(ours.cpu()[was_masked.cpu()], expected.argmax(-1)[was_masked.cpu()])

@@ -26,10 +26,16 @@ D2F_HOST_DEVICE inline void pipeline_row(int32_t* row, int32_t* blocks, const in
   int32_t* state = blocks + kState * num_blocks;
   int32_t* full = blocks + kFull * num_blocks;
 
+  int n = row[kNumBlocks];
+  if (n < 1 || n > num_blocks) {  // not a state BlockPipeline makes: never index past the blocks
+    row[kFinished] = 1;
+    row[kWinLen] = 0;
+    row[kCommitLen] = 0;
+    return;
+  }
   for (int i = 0; i < num_blocks; ++i) masked[i] -= counts[i];
   if (eos_block >= 0 && (row[kEosBlock] < 0 || eos_block < row[kEosBlock])) row[kEosBlock] = eos_block;
 
-  int n = row[kNumBlocks];
   // 7. In order, so that a run of decoded blocks reaches to_cache in one pass once the active
   // block in front of it is done.
   bool earlier_active = false;

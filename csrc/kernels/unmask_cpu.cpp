@@ -193,25 +193,65 @@ D2F_ROW_STATS(row_stats_bf16, Bf16, uint16_t)
 D2F_ROW_STATS(row_stats_f16, F16, uint16_t)
 #undef D2F_ROW_STATS
 
-RowResult position_stats(const UnmaskParams& p, int b, int w, uint32_t key) {
+const char* position_row(const UnmaskParams& p, int b, int w) {
   const int elem = p.dtype == DType::kFloat32 ? 4 : 2;
-  const char* row;
   if (p.prev_logits == nullptr) {
-    row = static_cast<const char*>(p.logits) + (b * p.logits_batch_stride + w * p.logits_row_stride) * elem;
-  } else if (w == 0) {
-    row = static_cast<const char*>(p.prev_logits) + b * p.prev_batch_stride * elem;
-  } else {
-    row = static_cast<const char*>(p.logits) +
-          (b * p.logits_batch_stride + (w - 1) * p.logits_row_stride) * elem;
+    return static_cast<const char*>(p.logits) + (b * p.logits_batch_stride + w * p.logits_row_stride) * elem;
   }
+  if (w == 0) return static_cast<const char*>(p.prev_logits) + b * p.prev_batch_stride * elem;
+  return static_cast<const char*>(p.logits) + (b * p.logits_batch_stride + (w - 1) * p.logits_row_stride) * elem;
+}
+
+float logit_at(const UnmaskParams& p, const char* row, int64_t v) {
+  float x;
+  switch (p.dtype) {
+    case DType::kFloat32: x = F32::load(reinterpret_cast<const float*>(row), static_cast<int>(v)); break;
+    case DType::kBFloat16: x = Bf16::load(reinterpret_cast<const uint16_t*>(row), static_cast<int>(v)); break;
+    default: x = F16::load(reinterpret_cast<const uint16_t*>(row), static_cast<int>(v)); break;
+  }
+  return p.temperature > 0.0f ? x / p.temperature : x;
+}
+
+// The mask token is never a decoded token (a position that "decodes" to it would stay masked and
+// the block could never finish), so when it wins, the best other token is taken instead. Its
+// probability keeps the full softmax's denominator: p_new = p_mask * exp(x_new - x_mask). This
+// path is rare (a trained model hardly ever predicts [MASK]) and therefore scalar.
+void exclude_mask(const UnmaskParams& p, const char* row, uint32_t key, RowResult& r) {
+  const bool sample = p.temperature > 0.0f;
+  double best = -std::numeric_limits<double>::infinity();
+  int64_t tok = -1;
+  for (int64_t v = 0; v < p.vocab; ++v) {
+    if (v == p.mask_id) continue;
+    const double x = logit_at(p, row, v);
+    const double score = sample ? x - std::log(-std::log(noise_uniform(key, static_cast<uint32_t>(v)))) : x;
+    if (score > best) {  // strict: the lowest index wins ties
+      best = score;
+      tok = v;
+    }
+  }
+  if (tok < 0) return;  // a vocabulary of the mask token alone: nothing else to pick
+  const float scale = std::exp(logit_at(p, row, tok) - logit_at(p, row, p.mask_id));
+  if (p.confidence == Confidence::kProbability) r.conf = r.p * scale;
+  r.p *= scale;
+  r.token = tok;
+}
+
+RowResult position_stats(const UnmaskParams& p, int b, int w, uint32_t key) {
+  const char* row = position_row(p, b, w);
+  RowResult r;
   switch (p.dtype) {
     case DType::kFloat32:
-      return row_stats_f32(reinterpret_cast<const float*>(row), p.vocab, p.temperature, p.confidence, key);
+      r = row_stats_f32(reinterpret_cast<const float*>(row), p.vocab, p.temperature, p.confidence, key);
+      break;
     case DType::kBFloat16:
-      return row_stats_bf16(reinterpret_cast<const uint16_t*>(row), p.vocab, p.temperature, p.confidence, key);
+      r = row_stats_bf16(reinterpret_cast<const uint16_t*>(row), p.vocab, p.temperature, p.confidence, key);
+      break;
     default:
-      return row_stats_f16(reinterpret_cast<const uint16_t*>(row), p.vocab, p.temperature, p.confidence, key);
+      r = row_stats_f16(reinterpret_cast<const uint16_t*>(row), p.vocab, p.temperature, p.confidence, key);
+      break;
   }
+  if (r.token == p.mask_id) exclude_mask(p, row, key, r);
+  return r;
 }
 
 void decide_row(const UnmaskParams& p, int b, std::vector<int>& best) {

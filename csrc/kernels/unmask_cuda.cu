@@ -30,7 +30,8 @@ __device__ __forceinline__ float load_logit(const void* row, int v, DType dtype)
 struct Partial {
   float m;    // max
   float s;    // sum of exp(x - m)
-  int arg;    // lowest index of m
+  float bx;   // largest value other than the mask token's: [MASK] is never a decoded token
+  int arg;    // its lowest index
   float t2;   // second largest, duplicates of m counted
   double g;   // best Gumbel score
   int gtok;   // its index (lowest on ties)
@@ -45,8 +46,9 @@ __device__ __forceinline__ Partial merge(const Partial& a, const Partial& b) {
   Partial r;
   r.m = fmaxf(a.m, b.m);
   r.s = r.m == -INFINITY ? 0.0f : scaled_sum(a.s, a.m, r.m) + scaled_sum(b.s, b.m, r.m);
-  const bool take_b = b.m > a.m || (b.m == a.m && b.arg < a.arg);
+  const bool take_b = b.bx > a.bx || (b.bx == a.bx && b.arg < a.arg);
   r.arg = take_b ? b.arg : a.arg;
+  r.bx = take_b ? b.bx : a.bx;
   r.t2 = fmaxf(fmaxf(a.t2, b.t2), fminf(a.m, b.m));
   const bool gb = b.g > a.g || (b.g == a.g && b.gtok < a.gtok);
   r.g = gb ? b.g : a.g;
@@ -83,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(UnmaskParams p) {
   const bool sample = p.temperature > 0.0f;
   const uint32_t key = noise_key(p.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(w));
 
-  Partial t{-INFINITY, 0.0f, INT_MAX, -INFINITY, -INFINITY, INT_MAX, -INFINITY};
+  Partial t{-INFINITY, 0.0f, -INFINITY, INT_MAX, -INFINITY, -INFINITY, INT_MAX, -INFINITY};
   for (int v = tid; v < p.vocab; v += kThreads) {
     float x = load_logit(row, v, p.dtype);
     if (sample) x = x / p.temperature;  // IEEE division, as the reference divides
@@ -91,12 +93,15 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(UnmaskParams p) {
       t.s = scaled_sum(t.s, t.m, x) + 1.0f;
       t.t2 = t.m;
       t.m = x;
-      t.arg = v;
     } else if (x > -INFINITY) {
       t.s += expf(x - t.m);
       t.t2 = fmaxf(t.t2, x);
     }
-    if (sample && static_cast<double>(x) + kGumbelBound > t.g) {
+    if (v != p.mask_id && x > t.bx) {  // v grows per thread: the first of equal values stays
+      t.bx = x;
+      t.arg = v;
+    }
+    if (sample && v != p.mask_id && static_cast<double>(x) + kGumbelBound > t.g) {
       const double score = static_cast<double>(x) - log(-log(noise_uniform(key, static_cast<uint32_t>(v))));
       if (score > t.g) {  // v grows per thread: the first of equal scores stays
         t.g = score;
@@ -138,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(UnmaskParams p) {
     // A row of -inf only (not produced by any caller) still yields an in-range token.
     const int arg = all.arg == INT_MAX ? 0 : all.arg;
     const int tok = sample ? (all.gtok == INT_MAX ? 0 : all.gtok) : arg;
-    const float prob = sample ? expf(all.gx - all.m) / all.s : 1.0f / all.s;
+    const float prob = expf((sample ? all.gx : all.bx) - all.m) / all.s;
     float conf = prob;
     if (p.confidence == Confidence::kMargin) conf = 1.0f / all.s - expf(all.t2 - all.m) / all.s;
     if (p.confidence == Confidence::kNegEntropy) conf = conf_entropy;

@@ -26,6 +26,30 @@ void check_threshold(double v, const char* name) {
   TORCH_CHECK(v >= 0.0 && v <= 1.0, "pipeline_step: ", name, " must be in [0, 1], got ", v);
 }
 
+// The state must be one BlockPipeline made; on the CPU that is cheap to verify, and a bad one
+// (e.g. counts larger than the masks left) would otherwise corrupt the row silently.
+void check_state_cpu(const at::Tensor& rows, const at::Tensor& blocks, const at::Tensor& counts) {
+  const int64_t B = rows.size(0), NB = blocks.size(2);
+  const int32_t* r = rows.data_ptr<int32_t>();
+  const int32_t* bl = blocks.data_ptr<int32_t>();
+  const int32_t* c = counts.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t* row = r + b * d2f::kNumRowFields;
+    if (row[d2f::kFinished]) continue;
+    const int32_t n = row[d2f::kNumBlocks];
+    TORCH_CHECK(n >= 1 && n <= NB, "pipeline_step: rows[", b, ", NUM_BLOCKS] must be in [1, NB = ", NB,
+                "], got ", n);
+    const int32_t* len = bl + (b * d2f::kNumBlockFields + d2f::kLen) * NB;
+    const int32_t* masked = bl + (b * d2f::kNumBlockFields + d2f::kMasked) * NB;
+    for (int32_t i = 0; i < n; ++i) {
+      TORCH_CHECK(len[i] > 0, "pipeline_step: blocks[", b, ", LEN, ", i, "] must be > 0, got ", len[i]);
+      const int32_t k = c[b * NB + i];
+      TORCH_CHECK(k >= 0 && k <= masked[i], "pipeline_step: counts[", b, ", ", i, "] = ", k,
+                  " must be in [0, masked positions left = ", masked[i], "]");
+    }
+  }
+}
+
 void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::Tensor& counts,
                    const at::Tensor& eos_block, int64_t block_size, double add_threshold,
                    double activate_threshold) {
@@ -69,6 +93,7 @@ void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::T
   p.add_threshold = add_threshold;
   p.activate_threshold = activate_threshold;
   if (rows.is_cpu()) {
+    check_state_cpu(rows, blocks, counts_c);
     d2f::pipeline_step_cpu(p);
     return;
   }

@@ -110,7 +110,7 @@ def _decode_row(model, prompt: list[int], cfg: D2FConfig, eos: int | None):
         noise = None
         if temperature > 0:
             noise = reference.gumbel_noise(cfg.seed + forwards - 1, 1, len(window), x.shape[-1], x.device)[0]
-        token, p, conf = reference.token_stats(x, temperature, conf_kind, noise)
+        token, p, conf = reference.token_stats(x, temperature, conf_kind, noise, mask)
         thr = torch.tensor(cfg.skip_threshold, dtype=torch.float32)
         for i, b in enumerate(blocks):
             if b["state"] != "active":

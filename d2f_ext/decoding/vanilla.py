@@ -36,6 +36,7 @@ def vanilla_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     real = cols[None] < total[:, None]
     block_ids = torch.where(real, 0, -1).to(torch.int32)  # bidirectional; right padding unseen
     per_block = steps // num_blocks
+    mask_col = torch.tensor([mc.mask_token_id], device=device)
     for k in range(num_blocks):
         lo = plens + k * block_size
         in_block = (cols[None] >= lo[:, None]) & (cols[None] < (lo + block_size)[:, None])
@@ -47,7 +48,7 @@ def vanilla_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
             if mc.logit_shift:
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
             probs = torch.softmax(logits, -1)
-            p, tok = probs.max(-1)
+            p, tok = probs.index_fill(-1, mask_col, -1.0).max(-1)  # [MASK] is never a decoded token
             conf = torch.where(masked, p, float("-inf"))
             order = torch.sort(conf, dim=1, descending=True, stable=True).indices
             rank = torch.empty_like(order)
