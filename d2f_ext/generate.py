@@ -73,6 +73,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     prompts = split_padded(input_ids, attention_mask)
+    return_dict_in_generate |= bool(getattr(generation_config, "return_dict_in_generate", False))
     s, eos, pad = _settings(model, generation_config, max_new_tokens, kwargs)
     s = {k: v for k, v in s.items() if k in _D2F_FIELDS}
     if streamer is not None and len(prompts) != 1:

@@ -63,6 +63,8 @@ def test_generation_config_and_eos_override(model):
     gc = GenerationConfig(max_new_tokens=16, eos_token_id=first, pad_token_id=0, do_sample=False)
     out = model.generate(**enc, generation_config=gc, **KW)
     assert out.shape[1] == width + 1 and int(out[0, width]) == first
+    gc.return_dict_in_generate = True
+    assert torch.equal(model.generate(**enc, generation_config=gc, **KW).sequences, out)
 
 
 def test_streamer_prints_the_returned_text(model):
