@@ -1,5 +1,6 @@
 """AutoD2FModel: load a LLaDA or Dream checkpoint folder (optionally a D2F LoRA adapter merged on
-top) with d2f_ext's own model code, its tokenizer attached and ``generate`` decoding with D2F."""
+top) with d2f_ext's own model code, its tokenizer and generation_config attached and ``generate``
+decoding with D2F."""
 
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ def load_tokenizer(folder: Union[str, os.PathLike]):
         hf_logging.set_verbosity(verbosity)
 
 
+def load_generation_config(folder: Union[str, os.PathLike]):
+    """The folder's generation_config.json as a transformers GenerationConfig (D2F fields such as
+    block_size kept as attributes), or None when it has none."""
+    if not os.path.isfile(os.path.join(folder, "generation_config.json")):
+        return None
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(folder)
+
+
 class AutoD2FModel:
     @staticmethod
     def from_pretrained(path: Union[str, os.PathLike], adapter: Optional[Union[str, os.PathLike]] = None,
@@ -37,4 +48,5 @@ class AutoD2FModel:
         if adapter is not None:
             load_adapter(model, adapter)
         model.tokenizer = load_tokenizer(path)
+        model.generation_config = load_generation_config(path)
         return patch(model)

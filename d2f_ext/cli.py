@@ -15,32 +15,31 @@ from .generate import DECODERS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def default_model() -> str:
-    """The model used when --model is not given: a tiny random LLaDA-architecture checkpoint built
-    once into the user's cache (it shows the engine working end to end, not sensible text)."""
-    from .models.tiny import write_tiny_checkpoint
-    folder = os.path.join(os.path.expanduser(os.environ.get("D2F_EXT_CACHE", "~/.cache/d2f_ext")), "tiny-llada")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        write_tiny_checkpoint(folder, arch="llada", seed=0)
-    return folder
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "d2f-math")
+DEFAULT_PROMPT = ("Mia has 25 apples. Mia buys 17 more apples and then gives 8 of them. "
+                  "How many apples does Mia have now?")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="d2f-generate", description=__doc__)
-    p.add_argument("--model", help="checkpoint folder (LLaDA or Dream); default: a built tiny model")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="checkpoint folder (LLaDA or Dream); default: the shipped D2F student of the "
+                        "small-model recipe, which answers grade-school math questions")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder merged into the model")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt", help="prompt text (default: a math question)")
     src.add_argument("--file", help="file with one prompt per line")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction,
+                   help="wrap prompts in the tokenizer's chat template (default: when it has one)")
     p.add_argument("--decoder", choices=DECODERS, default="d2f")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--block-add-threshold", type=float, default=0.1)
-    p.add_argument("--decoded-token-threshold", type=float, default=0.95)
-    p.add_argument("--skip-threshold", type=float, default=0.9)
-    p.add_argument("--sampling-strategy", default="default",
-                   choices=["default", "margin_confidence", "neg_entropy"])
+    # Decoding settings left unset come from the checkpoint's generation_config.json, then from
+    # D2FConfig's defaults.
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--block-add-threshold", type=float)
+    p.add_argument("--decoded-token-threshold", type=float)
+    p.add_argument("--skip-threshold", type=float)
+    p.add_argument("--sampling-strategy", choices=["default", "margin_confidence", "neg_entropy"])
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--steps", type=int, help="vanilla decoder: steps per generation (default max-new-tokens)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -57,8 +56,7 @@ def main(argv=None) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
-    model = AutoD2FModel.from_pretrained(a.model or default_model(), adapter=a.adapter,
-                                         dtype=DTYPES[a.dtype], device=a.device)
+    model = AutoD2FModel.from_pretrained(a.model, adapter=a.adapter, dtype=DTYPES[a.dtype], device=a.device)
     tok = model.tokenizer
     if tok is None:
         sys.exit("d2f-generate: the model folder has no tokenizer files; text prompts need one")
@@ -66,19 +64,19 @@ def run(a: argparse.Namespace) -> int:
         with open(a.file) as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
     else:
-        prompts = [a.prompt if a.prompt is not None else "Hello"]
-    if a.chat:
+        prompts = [a.prompt if a.prompt is not None else DEFAULT_PROMPT]
+    if a.chat or (a.chat is None and tok.chat_template):
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    kwargs = dict(block_size=a.block_size, block_add_threshold=a.block_add_threshold,
-                  decoded_token_threshold=a.decoded_token_threshold, skip_threshold=a.skip_threshold,
-                  sampling_strategy=a.sampling_strategy)
-    if a.temperature > 0:
-        kwargs.update(do_sample=True, temperature=a.temperature)
+    names = ["block_size"] if a.decoder == "vanilla" else [
+        "block_size", "block_add_threshold", "decoded_token_threshold", "skip_threshold", "sampling_strategy"]
+    kwargs = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
     if a.decoder == "vanilla":
-        kwargs = dict(block_size=a.block_size, steps=a.steps)
+        kwargs["steps"] = a.steps
+    elif a.temperature > 0:
+        kwargs.update(do_sample=True, temperature=a.temperature)
     t0 = time.perf_counter()
     out = model.generate(enc["input_ids"].to(a.device), attention_mask=enc["attention_mask"].to(a.device),
                          max_new_tokens=a.max_new_tokens, decoder=a.decoder,

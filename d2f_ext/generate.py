@@ -67,12 +67,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     time), vanilla decoding (``"vanilla"``, ``steps`` per generation) or the plain-PyTorch
     reference loop (``"reference"``). D2F parameters (block_size, block_add_threshold,
     decoded_token_threshold, skip_threshold, sampling_strategy, temperature, top_k, top_p, seed)
-    come as keyword arguments or attributes of ``generation_config``."""
+    come as keyword arguments or attributes of ``generation_config`` (default: the model's
+    ``generation_config``, which AutoD2FModel reads from the checkpoint's generation_config.json)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     prompts = split_padded(input_ids, attention_mask)
+    if generation_config is None:  # as in transformers: the one loaded with the model
+        generation_config = getattr(model, "generation_config", None)
     return_dict_in_generate |= bool(getattr(generation_config, "return_dict_in_generate", False))
     s, eos, pad = _settings(model, generation_config, max_new_tokens, kwargs)
     s = {k: v for k, v in s.items() if k in _D2F_FIELDS}

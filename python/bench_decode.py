@@ -1,11 +1,12 @@
-"""End-to-end decoding benchmark on CPU: D2F (kernel path), Fast-dLLM mode, vanilla decoding and
-the plain-PyTorch reference D2F loop, on one small random model, in one run.
+"""End-to-end decoding benchmark: D2F on the kernels (compact steps, fixed-shape steps and, on CUDA,
+fixed-shape steps replayed as CUDA graphs), Fast-dLLM mode, vanilla decoding and the plain-PyTorch
+reference D2F loop, on one small random model, in one run.
 
 For each decoder: generated tokens (before EOS), forwards, tokens per forward (TPF) and tokens/s
 (generated tokens only), over the same prompts; decoders alternate prompt by prompt so that
 machine noise hits all alike. Prints a table, writes JSON and a plot.
 
-    python python/bench_decode.py [--arch llada] [--hidden 512 --layers 4] [--prompts 8] [--out results/decode]
+    python python/bench_decode.py [--arch llada] [--hidden 512 --layers 4] [--prompts 8] [--device cuda] [--out results/decode]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main():
     ap.add_argument("--skip-threshold", type=float, default=0.9)
     ap.add_argument("--vanilla-steps", type=int, default=0, help="default: max-new-tokens (one token a step)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="results/decode")
     a = ap.parse_args()
     if a.threads:
@@ -48,7 +50,7 @@ def main():
     folder = tempfile.mkdtemp(prefix="d2f_bench_")
     write_tiny_checkpoint(folder, arch=a.arch, seed=0, vocab=a.vocab, hidden_size=a.hidden, num_heads=a.heads,
                           num_layers=a.layers, intermediate_size=4 * a.hidden, max_len=1024)
-    model = load_model(folder)
+    model = load_model(folder, device=a.device)
     params = sum(p.numel() for p in model.parameters())
     rng = random.Random(0)
     specials = {model.config.mask_token_id, model.config.eos_token_id}
@@ -59,20 +61,26 @@ def main():
                     max_new_tokens=a.max_new_tokens)
     steps = a.vanilla_steps or a.max_new_tokens
     decoders = {
-        "d2f": lambda p: d2f_decode(model, [p], cfg),
+        "d2f": lambda p: d2f_decode(model, [p], cfg, static=False),
+        "d2f-static": lambda p: d2f_decode(model, [p], cfg, static=True, cuda_graphs=False),
         "fast-dllm": lambda p: d2f_decode(model, [p], D2FConfig.fast_dllm(**{**cfg.__dict__})),
         "reference-loop": lambda p: reference_decode(model, [p], cfg),
         "vanilla": lambda p: vanilla_decode(model, [p], max_new_tokens=a.max_new_tokens,
                                             block_size=a.block_size, steps=steps),
     }
+    if torch.device(a.device).type == "cuda":
+        decoders["d2f-cuda-graphs"] = lambda p: d2f_decode(model, [p], cfg, static=True, cuda_graphs=True)
     eos = model.config.eos_token_id
     stats = {k: dict(tokens=0, forwards=0, seconds=0.0) for k in decoders}
-    decoders["d2f"](prompts[0])  # warm-up (thread pools, allocator)
+    for fn in decoders.values():
+        fn(prompts[0])  # warm-up (thread pools, allocator, cuBLAS handles)
     outputs = {k: [] for k in decoders}
     for i, p in enumerate(prompts):
         for name, fn in decoders.items():
             t0 = time.perf_counter()
             out = fn(p)
+            if torch.device(a.device).type == "cuda":
+                torch.cuda.synchronize()
             stats[name]["seconds"] += time.perf_counter() - t0
             toks = out.tokens_before_eos(eos)[0]
             outputs[name].append(toks)
@@ -93,7 +101,7 @@ def main():
     for r in rows:
         print(f"{r['decoder']:15} {r['generated_tokens']:7d} {r['forwards_per_sequence']:8.1f} "
               f"{r['tokens_per_forward']:6.2f} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base:9.2f}x")
-    same = outputs["d2f"] == outputs["reference-loop"]
+    same = all(outputs[k] == outputs["reference-loop"] for k in decoders if k.startswith("d2f"))
     print(f"kernel path == reference loop on every prompt: {same}")
     write_json(os.path.join(a.out, "decode.json"), {"env": environment(), "args": vars(a), "params": params,
                                                    "rows": rows, "kernel_equals_reference": same})

@@ -3,8 +3,9 @@
 and the D2F student on the kernel path and on the plain-PyTorch reference loop, in one run on the
 same held-out problems (task_math test split), batch 1.
 
-Per method: accuracy (answer_of on the decoded text), generated tokens/s (tokens before EOS
-only), forwards per sequence and tokens per forward. Methods alternate problem by problem so that
+Per method: accuracy (answer_of on the decoded text), the share of written arithmetic steps that
+are right (task_math.steps_right), generated tokens/s (tokens before EOS only), forwards per
+sequence and tokens per forward. Methods alternate problem by problem so that
 machine noise hits all alike. Writes e2e.json, e2e.md and e2e.png (tokens/s vs accuracy); --sweep
 adds the student over a skip_threshold x block_add_threshold grid (sweep.json, .md, .png).
 --smoke trains tiny models in a temporary folder and checks the outputs (CI).
@@ -137,7 +138,7 @@ def evaluate(methods: dict[str, Method], problems, desc: str) -> dict[str, dict]
     for n, m in methods.items():
         m.decode(prompts[n][0])
     names = list(methods)
-    res = {n: dict(seconds=0.0, tokens=0, forwards=0, correct=0, records=[]) for n in names}
+    res = {n: dict(seconds=0.0, tokens=0, forwards=0, correct=0, steps_right=0, steps=0, records=[]) for n in names}
     bar = tqdm(range(len(problems)), desc=desc, dynamic_ncols=True)
     for i in bar:
         order = names[i % len(names):] + names[: i % len(names)]
@@ -147,20 +148,24 @@ def evaluate(methods: dict[str, Method], problems, desc: str) -> dict[str, dict]
             dt = time.perf_counter() - t0
             text = methods[n].tokenizer.decode(toks)
             got = task_math.answer_of(text)
+            right, written = task_math.steps_right(text)
             r = res[n]
+            r["steps_right"] += right
+            r["steps"] += written
             r["seconds"] += dt
             r["tokens"] += len(toks)
             r["forwards"] += fwd
             r["correct"] += got == problems[i].answer
             r["records"].append(dict(answer=problems[i].answer, predicted=got, tokens=len(toks), forwards=fwd,
-                                     seconds=dt, text=text, ids=toks))
+                                     seconds=dt, steps_right=right, steps=written, text=text, ids=toks))
         if len(names) <= len(METHODS):  # a sweep's grid would not fit on one line
             bar.set_postfix(acc=" ".join(f"{res[n]['correct'] / (i + 1):.2f}" for n in names))
     return {n: summary(r, len(problems)) for n, r in res.items()}
 
 
 def summary(r: dict, n: int) -> dict:
-    return dict(accuracy=r["correct"] / n, tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] else 0.0,
+    return dict(accuracy=r["correct"] / n, step_accuracy=r["steps_right"] / max(r["steps"], 1),
+                tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] else 0.0,
                 forwards_per_sequence=r["forwards"] / n, tokens_per_forward=r["tokens"] / max(r["forwards"], 1),
                 generated_tokens=r["tokens"], forwards=r["forwards"], seconds=r["seconds"], problems=n,
                 records=r["records"])
@@ -182,10 +187,10 @@ def ratios(rows: dict[str, dict]) -> dict:
 def report(rows: dict[str, dict], r: dict) -> None:
     """The table, then the ratios against the issue's targets: student tokens/s >= 2x AR and
     >= 20x teacher-vanilla, student accuracy no more than 2 points below either."""
-    print(f"\n{'method':18} {'acc':>6} {'tok/s':>9} {'fwd/seq':>8} {'TPF':>6}")
+    print(f"\n{'method':18} {'acc':>6} {'steps':>6} {'tok/s':>9} {'fwd/seq':>8} {'TPF':>6}")
     for n, s in rows.items():
-        print(f"{n:18} {s['accuracy']:6.3f} {s['tokens_per_s']:9.1f} {s['forwards_per_sequence']:8.1f} "
-              f"{s['tokens_per_forward']:6.2f}")
+        print(f"{n:18} {s['accuracy']:6.3f} {s['step_accuracy']:6.3f} {s['tokens_per_s']:9.1f} "
+              f"{s['forwards_per_sequence']:8.1f} {s['tokens_per_forward']:6.2f}")
 
     def line(label, value, unit, target, met):
         shown = "n/a" if value is None else f"{value:{'+.1f' if unit == ' points' else '.2f'}}{unit}"
@@ -203,12 +208,12 @@ def table_rows(rows: dict[str, dict], ar_speed: float | None = None) -> list[lis
     out = []
     for n, s in rows.items():
         vs = _over(s["tokens_per_s"], ar_speed) if ar_speed is not None else None
-        out.append([n, f"{s['accuracy'] * 100:.1f}%", f"{s['tokens_per_s']:.1f}", f"{s['forwards_per_sequence']:.1f}",
+        out.append([n, f"{s['accuracy'] * 100:.1f}%", f"{s['step_accuracy'] * 100:.1f}%", f"{s['tokens_per_s']:.1f}", f"{s['forwards_per_sequence']:.1f}",
                     f"{s['tokens_per_forward']:.2f}", "n/a" if vs is None else f"{vs:.2f}x"])
     return out
 
 
-HEADER = ["method", "accuracy", "tokens / s", "forwards / sequence", "tokens / forward", "tokens / s vs AR"]
+HEADER = ["method", "accuracy", "arithmetic steps right", "tokens / s", "forwards / sequence", "tokens / forward", "tokens / s vs AR"]
 
 
 def _axes():
@@ -300,11 +305,12 @@ def check(payload: dict) -> None:
         raise ValueError(f"methods missing from the results: {missing}")
     for n in METHODS:
         s = rows[n]
-        for k in ("accuracy", "tokens_per_s", "forwards_per_sequence", "tokens_per_forward", "seconds"):
+        for k in ("accuracy", "step_accuracy", "tokens_per_s", "forwards_per_sequence", "tokens_per_forward", "seconds"):
             if not isinstance(s.get(k), (int, float)) or not math.isfinite(s[k]):
                 raise ValueError(f"{n}: {k} is not a finite number: {s.get(k)!r}")
-        if not 0.0 <= s["accuracy"] <= 1.0:
-            raise ValueError(f"{n}: accuracy {s['accuracy']} outside [0, 1]")
+        for k in ("accuracy", "step_accuracy"):
+            if not 0.0 <= s[k] <= 1.0:
+                raise ValueError(f"{n}: {k} {s[k]} outside [0, 1]")
         if s["seconds"] <= 0 or len(s["records"]) != s["problems"]:
             raise ValueError(f"{n}: {len(s['records'])} records for {s['problems']} problems in {s['seconds']} s")
         if any(r["forwards"] < 1 for r in s["records"]):

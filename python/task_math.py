@@ -23,6 +23,7 @@ CONTAINERS = ["boxes", "bags", "packs", "baskets", "jars", "crates"]
 PLACES = ["farm", "shop", "school", "library", "bakery", "zoo"]
 ITEMS = ["notebook", "ticket", "sandwich", "toy car", "book", "shirt", "lamp", "puzzle"]
 ANSWER_RE = re.compile(r"The answer is (-?\d+)")
+STEP_RE = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 TEST_BUCKETS = 10  # one question hash in ten goes to the test split
 
@@ -183,10 +184,22 @@ def format_prompt(question: str) -> str:
     return f"Question: {question} Answer:"
 
 
+# The tokenizer's chat template renders a user message as format_prompt does, so that a chat
+# front end (d2f-generate applies a model's template) asks the small models as they were trained.
+CHAT_TEMPLATE = "{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }} Answer:{% endif %}{% endfor %}"
+
+
 def answer_of(text: str) -> Optional[int]:
     """N of the first "The answer is N" in ``text``, or None."""
     m = ANSWER_RE.search(text)
     return int(m.group(1)) if m else None
+
+
+def steps_right(text: str) -> tuple[int, int]:
+    """(right, written): the arithmetic steps "a op b = c" in ``text`` and how many of them compute
+    correctly. Finer than the final answer, which needs every step and every copied number right."""
+    steps = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP_RE.findall(text)]
+    return sum(not (op == "/" and b == 0) and OPS[op](a, b) == c for a, op, b, c in steps), len(steps)
 
 
 def accuracy(outputs: Sequence[str], targets: Iterable[Problem]) -> float:

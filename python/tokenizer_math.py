@@ -3,7 +3,8 @@
 Digits are always single tokens (a number's digits, not a merged number, so that a small model
 can learn carrying), words merge into whole-word tokens, and spaces are kept as a word prefix so
 that decoding gives back the exact text. The special tokens come first, with the chat tokens of
-the project's tiny tokenizer, so that their ids are small and fixed.
+the project's tiny tokenizer, so that their ids are small and fixed. The chat template asks a
+question the way the task's prompts do.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Iterable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from d2f_ext.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from d2f_ext.models.tiny import SPECIAL_TOKENS  # noqa: E402
 
 EOS, MASK, UNK, PAD = "<|endoftext|>", "<|mask|>", "<unk>", "<|pad|>"
 
@@ -25,6 +26,8 @@ def build_tokenizer(folder: str, texts: Iterable[str], vocab_size: int = 512,
     return the special ids {"eos", "mask", "pad"} for config.json."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    import task_math
 
     specials = SPECIAL_TOKENS + [PAD]
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -40,7 +43,7 @@ def build_tokenizer(folder: str, texts: Iterable[str], vocab_size: int = 512,
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    mask_token=MASK, unk_token=UNK, model_max_length=max_len,
                                    padding_side="left")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = task_math.CHAT_TEMPLATE
     os.makedirs(folder, exist_ok=True)
     fast.save_pretrained(folder)
     return {"eos": tok.token_to_id(EOS), "mask": tok.token_to_id(MASK), "pad": tok.token_to_id(PAD)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -69,16 +70,17 @@ def collate(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     return Batch(ids, torch.tensor([len(p) for p, _ in pairs]), torch.tensor(lengths))
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    perm = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(perm)
+    return tuple(perm)
+
+
 def batch_indices(n: int, batch: int, seed: int, draw: int) -> list[int]:
     """Example indices of the ``draw``-th batch: epochs of seeded shuffles, so that a resumed run
     sees exactly the batches the uninterrupted run would have."""
-    out = []
-    for pos in range(draw * batch, (draw + 1) * batch):
-        epoch, i = divmod(pos, n)
-        perm = list(range(n))
-        random.Random(f"{seed}:{epoch}").shuffle(perm)
-        out.append(perm[i])
-    return out
+    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range(draw * batch, (draw + 1) * batch)]
 
 
 def step_generator(seed: int, draw: int) -> torch.Generator:
@@ -136,6 +138,12 @@ def save_checkpoint(model, folder: str, tokenizer_src: Optional[str]) -> None:
     save_file(state, os.path.join(folder, "model.safetensors"))
     if tokenizer_src:
         copy_tokenizer(tokenizer_src, folder)
+
+
+def write_generation_config(folder: str, **settings) -> None:
+    """generation_config.json: the decoding settings AutoD2FModel's generate uses by default."""
+    with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -38,13 +38,27 @@ def _check(run, tokens, forwards):
         assert forwards == run["forwards"]
 
 
-@pytest.mark.parametrize("path", ["kernel", "reference"])
+PATHS = {"kernel": lambda m, p, c: d2f_decode(m, p, c, static=False),
+         "kernel-static": lambda m, p, c: d2f_decode(m, p, c, static=True, sync_every=3),
+         "reference": reference_decode}
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_each_row_alone(conformance, path):
     model, case = conformance
-    decode = d2f_decode if path == "kernel" else reference_decode
     for run in case["d2f_runs"]:
-        out = decode(model, [run["prompt"]], _config(run))
+        out = PATHS[path](model, [run["prompt"]], _config(run))
         _check(run, out.tokens_before_eos(model.config.eos_token_id)[0], int(out.forwards[0]))
+
+
+def test_each_parameter_set_as_one_static_batch(conformance):
+    """The fixed-shape steps (what CUDA graphs replay) over a batch of rows that finish apart."""
+    model, case = conformance
+    for runs in _param_sets(case):
+        out = d2f_decode(model, [r["prompt"] for r in runs], _config(runs[0]), static=True, sync_every=3)
+        rows = out.tokens_before_eos(model.config.eos_token_id)
+        for i, run in enumerate(runs):
+            _check(run, rows[i], int(out.forwards[i]))
 
 
 @pytest.mark.parametrize("decoder", ["d2f", "reference"])

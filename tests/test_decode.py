@@ -177,3 +177,66 @@ def test_model_that_predicts_the_mask_token_still_finishes(tiny_checkpoint):
     assert got.generated.tolist() == want.generated.tolist()
     assert got.forwards.tolist() == want.forwards.tolist()
     assert not (got.generated == mask).any()
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=lambda c: f"bs{c.block_size}-add{c.block_add_threshold}")
+def test_static_steps_equal_compact_steps(model, cfg, sync_every):
+    """Fixed shapes (every row, a window wide enough for sync_every steps, finished rows all
+    padding) decode exactly what the compact batch does, EOS included."""
+    prompts = _prompts(model, 4, seed=31 + cfg.block_size)
+    for eos in (None, -1):
+        compact = d2f_decode(model, prompts, cfg, eos_id=eos, static=False)
+        static = d2f_decode(model, prompts, cfg, eos_id=eos, static=True, sync_every=sync_every)
+        assert static.generated.tolist() == compact.generated.tolist()
+        assert static.forwards.tolist() == compact.forwards.tolist()
+    first = int(compact.generated[1, 0])  # an EOS that row 1 decodes first
+    compact = d2f_decode(model, prompts, cfg, eos_id=first, static=False)
+    static = d2f_decode(model, prompts, cfg, eos_id=first, static=True, sync_every=sync_every)
+    assert static.tokens_before_eos(first) == compact.tokens_before_eos(first)
+    assert static.forwards.tolist() == compact.forwards.tolist()
+
+
+def test_static_steps_run_fixed_shapes(model, monkeypatch):
+    """Between host syncs every forward has the whole batch and one window width, a multiple of
+    the block size after the first forward."""
+    cfg = CONFIGS[0]
+    prompts = _prompts(model, 3, seed=41)
+    shapes = []
+    inner = model.forward_window
+
+    def spy(input_ids, *a, **kw):
+        shapes.append(tuple(input_ids.shape))
+        return inner(input_ids, *a, **kw)
+
+    monkeypatch.setattr(model, "forward_window", spy)
+    out = d2f_decode(model, prompts, cfg, static=True, sync_every=4)
+    assert shapes[0] == (3, max(map(len, prompts)) + cfg.block_size)
+    widths = [w for _, w in shapes[1:]]
+    assert all(b == 3 for b, _ in shapes) and all(w % cfg.block_size == 0 for w in widths)
+    for i in range(0, len(widths), 4):
+        assert len(set(widths[i:i + 4])) == 1
+    assert len(shapes) >= int(out.forwards.max())
+
+
+@pytest.mark.cuda
+def test_cuda_graph_steps_equal_compact_steps(tiny_checkpoint):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for arch in ("llada", "dream"):
+        model = load_model(tiny_checkpoint(arch, seed=3), device="cuda")
+        prompts = _prompts(model, 4, seed=7)
+        for cfg in CONFIGS[:3]:
+            compact = d2f_decode(model, prompts, cfg, static=False)
+            graphed = d2f_decode(model, prompts, cfg, static=True, cuda_graphs=True, sync_every=3)
+            assert graphed.generated.tolist() == compact.generated.tolist()
+            assert graphed.forwards.tolist() == compact.forwards.tolist()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sync_every=0), "sync_every"),
+    (dict(static=True, cuda_graphs=True), "cuda_graphs"),
+])
+def test_bad_step_driving(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        d2f_decode(model, _prompts(model, 1, seed=0), CONFIGS[0], **kwargs)

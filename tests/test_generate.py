@@ -67,6 +67,25 @@ def test_generation_config_and_eos_override(model):
     assert torch.equal(model.generate(**enc, generation_config=gc, **KW).sequences, out)
 
 
+def test_checkpoint_generation_config_is_the_default(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("llada", seed=5), folder)
+    plain = AutoD2FModel.from_pretrained(folder)
+    assert plain.generation_config is None
+    (folder / "generation_config.json").write_text(json.dumps(dict(max_new_tokens=16, **KW)))
+    configured = AutoD2FModel.from_pretrained(folder)
+    enc = _encode(plain, ["the dog and the cat"])
+    want = plain.generate(**enc, max_new_tokens=16, **KW)
+    assert torch.equal(configured.generate(**enc), want)
+    assert not torch.equal(plain.generate(**enc, max_new_tokens=32), want)  # D2FConfig's defaults
+    # An explicit argument still wins over the file.
+    assert torch.equal(configured.generate(**enc, block_size=8),
+                       plain.generate(**enc, max_new_tokens=16, **{**KW, "block_size": 8}))
+
+
 def test_streamer_prints_the_returned_text(model):
     enc = _encode(model, ["the moon and the sun"])
     buf = io.StringIO()

@@ -17,6 +17,7 @@ import task_math  # noqa: E402
 import train_ar  # noqa: E402
 import train_common as tc  # noqa: E402
 import train_teacher  # noqa: E402
+from d2f_ext import AutoD2FModel  # noqa: E402
 from d2f_ext.models import load_adapter, load_model  # noqa: E402
 
 TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--batch", "8", "--train-size", "200",
@@ -65,6 +66,14 @@ def test_accuracy():
         task_math.accuracy(outs[:3], ps)
 
 
+def test_steps_right_checks_each_written_step():
+    p = task_math.problems("test", 1, seed=0)[0]
+    n = len(task_math.STEP_RE.findall(p.solution))
+    assert n >= 2 and task_math.steps_right(p.solution) == (n, n)
+    assert task_math.steps_right("12 + 5 = 17. 17 * 3 = 50. 8 / 0 = 0. The answer is 50.") == (1, 3)
+    assert task_math.steps_right("no arithmetic here") == (0, 0)
+
+
 def test_tokenizer_ids_in_config_and_exact_decode(teacher):
     from transformers import AutoTokenizer
 
@@ -81,6 +90,9 @@ def test_tokenizer_ids_in_config_and_exact_decode(teacher):
         assert tok.unk_token_id not in ids
         assert tok.decode(ids) == p.solution
         assert task_math.answer_of(tok.decode(ids)) == p.answer
+        chat = tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert chat == task_math.format_prompt(p.question)
 
 
 # --- masks, noise and loss weights -----------------------------------------------------------
@@ -267,6 +279,9 @@ def test_distill_full_finetune_loss_falls(teacher, tmp_path):
                            "--batch", "8", "--train-size", "8", "--lr", "3e-3", "--warmup", "2"])
     assert fell(losses, factor=0.5), losses
     assert load_model(out).config.mask_token_id == load_model(folder).config.mask_token_id
+    # generate decodes the student as it was distilled: its block size, over the trained canvas.
+    gc = AutoD2FModel.from_pretrained(out).generation_config
+    assert (gc.block_size, gc.max_new_tokens) == (16, 64)
 
 
 def test_ar_loss_falls_and_loads(teacher, tmp_path):

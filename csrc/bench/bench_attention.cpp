@@ -68,7 +68,7 @@ void make_problem(const Shape& s, d2f::DType dtype, Problem& pb) {
   p.k_head_stride = p.v_head_stride = s.head_dim;
   p.k_batch_stride = p.v_batch_stride = p.k_row_stride * s.window;
   p.batch = s.batch, p.window = s.window, p.heads = s.heads, p.kv_heads = s.kv_heads;
-  p.head_dim = s.head_dim, p.cache_capacity = s.cache;
+  p.head_dim = s.head_dim, p.cache_capacity = s.cache, p.cache_batch = s.batch;
   p.scale = 1.0f / std::sqrt(float(s.head_dim));
   p.dtype = dtype;
   p.cache_rows = nullptr;

@@ -94,8 +94,12 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(AttentionParams 
     for (int c = 0; c < kDimsPerLane; ++c) o[i][c] = 0.0f;
   }
 
-  const int crow = p.cache_rows ? p.cache_rows[b] : b;
-  const int n_cache = p.cache_lens[b];
+  // Index values are not checked on the host under CUDA-graph capture: out-of-range ones must
+  // still never read outside the cache, so such a row reads no cache at all.
+  const int crow_in = p.cache_rows ? p.cache_rows[b] : b;
+  const bool crow_ok = crow_in >= 0 && crow_in < p.cache_batch;
+  const int crow = crow_ok ? crow_in : 0;
+  const int n_cache = crow_ok ? min(max(p.cache_lens[b], 0), p.cache_capacity) : 0;
   const int n_keys = n_cache + (key_end - key_begin);
   const int64_t cache_base = (static_cast<int64_t>(crow) * p.cache_capacity * p.kv_heads + kvh) * D;
   const int64_t cache_row_stride = static_cast<int64_t>(p.kv_heads) * D;
@@ -195,8 +199,10 @@ __global__ void store_kv_kernel(StoreKVParams p) {
   const int i = blockIdx.x, b = blockIdx.y;
   if (i >= p.src_len[b]) return;
   const int crow = p.cache_rows ? p.cache_rows[b] : b;
-  const int64_t src = p.src_start[b] + i;
-  const int64_t dst = (static_cast<int64_t>(crow) * p.cache_capacity + p.cache_lens[b] + i) * p.kv_heads * p.head_dim;
+  const int64_t src = p.src_start[b] + i, at = static_cast<int64_t>(p.cache_lens[b]) + i;
+  // Unchecked values under CUDA-graph capture (see the attention kernel): never write out of range.
+  if (crow < 0 || crow >= p.cache_batch || src < 0 || src >= p.window || at < 0 || at >= p.cache_capacity) return;
+  const int64_t dst = (static_cast<int64_t>(crow) * p.cache_capacity + at) * p.kv_heads * p.head_dim;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + src * p.k_row_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + src * p.v_row_stride;
   T* kc = static_cast<T*>(p.k_cache) + dst;

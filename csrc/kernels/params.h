@@ -33,6 +33,7 @@ struct AttentionParams {
   const int32_t* block_ids;   // [B, W] contiguous
   void* out;                  // [B, W, H, D] contiguous
   int batch, window, heads, kv_heads, head_dim, cache_capacity;
+  int cache_batch;  // rows of k_cache / v_cache (cache_rows index them)
   float scale;  // usually 1/sqrt(head_dim)
   DType dtype;  // of q, k, v, caches and out alike
 };
@@ -51,6 +52,7 @@ struct StoreKVParams {
   const int32_t* src_start;   // [B]
   const int32_t* src_len;     // [B]
   int batch, window, kv_heads, head_dim, cache_capacity;
+  int cache_batch;  // rows of k_cache / v_cache (cache_rows index them)
   DType dtype;
 };
 

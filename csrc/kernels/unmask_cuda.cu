@@ -77,7 +77,8 @@ __device__ const void* position_row(const UnmaskParams& p, int b, int w) {
 __global__ void __launch_bounds__(kThreads) stats_kernel(UnmaskParams p) {
   const int w = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int64_t i = static_cast<int64_t>(b) * p.window + w;
-  if (p.tokens[i] != p.mask_id || p.block_ids[i] < 0) {
+  // Ids past num_blocks (unchecked under CUDA-graph capture) are padding: counts stays in bounds.
+  if (p.tokens[i] != p.mask_id || p.block_ids[i] < 0 || p.block_ids[i] >= p.num_blocks) {
     if (tid == 0) p.cand_token[i] = -1;
     return;  // uniform over the CTA: no barrier is skipped by a subset
   }

@@ -64,6 +64,7 @@ void check_block_ids(const char* op, const at::Tensor& block_ids, const at::Tens
   check_size(op, "block_ids", block_ids, 0, B, "the batch size");
   check_size(op, "block_ids", block_ids, 1, W, "the window length");
   check_contiguous(op, "block_ids", block_ids);
+  if (!host_checkable(block_ids)) return;
   at::Tensor host = block_ids.cpu();
   const int32_t* bid = host.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -124,7 +125,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.out = out.data_ptr();
   p.batch = checked_int(op, "B", B), p.window = checked_int(op, "W", W), p.heads = checked_int(op, "H", H);
   p.kv_heads = checked_int(op, "Hkv", Hkv), p.head_dim = checked_int(op, "D", D);
-  p.cache_capacity = checked_int(op, "S", S);
+  p.cache_capacity = checked_int(op, "S", S), p.cache_batch = checked_int(op, "Bc", Bc);
   p.scale = static_cast<float>(scale);
   p.dtype = kernel_dtype(q.scalar_type());
 #if defined(D2F_WITH_CUDA)
@@ -157,15 +158,18 @@ void store_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   check_same_device(op, "cache_lens", cache_lens, "k", k);
   check_same_device(op, "src_start", src_start, "k", k);
   check_same_device(op, "src_len", src_len, "k", k);
-  const at::Tensor lens = check_int_range(op, "cache_lens", cache_lens, B, 0, S);
-  const at::Tensor start = check_int_range(op, "src_start", src_start, B, 0, W);
-  const at::Tensor len = check_int_range(op, "src_len", src_len, B, 0, W);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = lens.data_ptr<int32_t>()[b], s = start.data_ptr<int32_t>()[b], m = len.data_ptr<int32_t>()[b];
-    TORCH_CHECK(s + m <= W, op, ": src_start + src_len must be <= the window length ", W, ", got ", s, " + ", m,
-                " in row ", b);
-    TORCH_CHECK(n + m <= S, op, ": cache overflow: cache_lens + src_len must be <= the cache capacity ", S, ", got ",
-                n, " + ", m, " in row ", b);
+  check_int_range(op, "cache_lens", cache_lens, B, 0, S);
+  check_int_range(op, "src_start", src_start, B, 0, W);
+  check_int_range(op, "src_len", src_len, B, 0, W);
+  if (host_checkable(k)) {
+    const at::Tensor lens = cache_lens.cpu(), start = src_start.cpu(), len = src_len.cpu();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = lens.data_ptr<int32_t>()[b], s = start.data_ptr<int32_t>()[b], m = len.data_ptr<int32_t>()[b];
+      TORCH_CHECK(s + m <= W, op, ": src_start + src_len must be <= the window length ", W, ", got ", s, " + ", m,
+                  " in row ", b);
+      TORCH_CHECK(n + m <= S, op, ": cache overflow: cache_lens + src_len must be <= the cache capacity ", S,
+                  ", got ", n, " + ", m, " in row ", b);
+    }
   }
   TORCH_CHECK(cache_rows.has_value() || B <= Bc, op, ": without cache_rows, k_cache needs at least B = ", B,
               " rows, got ", Bc);
@@ -186,6 +190,7 @@ void store_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   p.src_len = len_d.data_ptr<int32_t>();
   p.batch = checked_int(op, "B", B), p.window = checked_int(op, "W", W), p.kv_heads = checked_int(op, "Hkv", Hkv);
   p.head_dim = checked_int(op, "D", D), p.cache_capacity = checked_int(op, "S", S);
+  p.cache_batch = checked_int(op, "Bc", Bc);
   p.dtype = kernel_dtype(k.scalar_type());
 #if defined(D2F_WITH_CUDA)
   if (k.is_cuda()) {

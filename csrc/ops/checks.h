@@ -8,6 +8,10 @@
 
 #include "kernels/params.h"
 
+#if defined(D2F_WITH_CUDA)
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
+
 namespace d2f::checks {
 
 inline std::string dtype_list(std::initializer_list<at::ScalarType> dtypes) {
@@ -54,20 +58,28 @@ inline void check_size(const char* op, const char* name, const at::Tensor& t, in
               "), got ", t.size(dim));
 }
 
-// 1-D int32 tensor of `len` values, all in [lo, hi]. Reads the values on the host (a small copy
-// for CUDA tensors).
-inline at::Tensor check_int_range(const char* op, const char* name, const at::Tensor& t, int64_t len,
-                                  int64_t lo, int64_t hi) {
+// Whether the values of `t` may be read on the host: always on the CPU; on CUDA only outside
+// CUDA-graph capture, where the copy would synchronise and break the capture. The CUDA kernels
+// stay in bounds for any index values, so a captured decode step runs safely without these checks
+// (the eager run before capture has made them).
+inline bool host_checkable(const at::Tensor& t) {
+#if defined(D2F_WITH_CUDA)
+  if (t.is_cuda()) return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+#endif
+  return true;
+}
+
+// 1-D int32 tensor of `len` values, all in [lo, hi] (the values are checked where host_checkable).
+inline void check_int_range(const char* op, const char* name, const at::Tensor& t, int64_t len, int64_t lo,
+                            int64_t hi) {
   check_dim(op, name, t, 1, "[B]");
   check_dtype(op, name, t, {at::kInt});
   check_size(op, name, t, 0, len, "the batch size");
-  at::Tensor host = t.cpu();
-  if (len > 0) {
-    const int64_t mn = host.min().item<int64_t>(), mx = host.max().item<int64_t>();
-    TORCH_CHECK(mn >= lo && mx <= hi, op, ": ", name, " values must be in [", lo, ", ", hi, "], got [", mn, ", ",
-                mx, "]");
-  }
-  return host;
+  if (len == 0 || !host_checkable(t)) return;
+  const auto [mn_t, mx_t] = at::aminmax(t);
+  const int64_t mn = mn_t.item<int64_t>(), mx = mx_t.item<int64_t>();
+  TORCH_CHECK(mn >= lo && mx <= hi, op, ": ", name, " values must be in [", lo, ", ", hi, "], got [", mn, ", ", mx,
+              "]");
 }
 
 inline DType kernel_dtype(at::ScalarType t) {

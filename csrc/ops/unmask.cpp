@@ -64,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
               "unmask: temperature must be finite and >= 0, got ", temperature);
   TORCH_CHECK(confidence >= 0 && confidence <= 2,
               "unmask: confidence must be 0 (probability), 1 (margin) or 2 (neg_entropy), got ", confidence);
-  if (block_ids.numel() > 0) {
-    // A device-to-host copy on CUDA; the bound keeps the kernels' counts writes in range.
+  if (block_ids.numel() > 0 && C::host_checkable(block_ids)) {
+    // The CUDA kernels treat ids past NB as padding, so skipping this under capture is safe.
     const auto [lo, hi] = at::aminmax(block_ids);
     const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
     TORCH_CHECK(lo_v >= -1 && hi_v < NB, "unmask: block_ids must be in [-1, NB = ", NB,

@@ -1,0 +1,68 @@
+"""The model the repository ships as d2f-generate's default: a real checkpoint folder, trained
+(it writes the task's solution format on held-out problems) and decoded identically by both paths."""
+
+import io
+import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+
+import task_math  # noqa: E402
+from d2f_ext import AutoD2FModel, cli  # noqa: E402
+from d2f_ext.decoding import reference_decode  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoD2FModel.from_pretrained(cli.DEFAULT_MODEL)
+
+
+def test_shipped_folder_is_a_checkpoint_with_decoding_settings(model):
+    names = set(os.listdir(cli.DEFAULT_MODEL))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    assert sum(os.path.getsize(os.path.join(cli.DEFAULT_MODEL, n)) for n in names) < 30 * 2 ** 20
+    gc = model.generation_config
+    assert (gc.block_size, gc.max_new_tokens) == (16, 64)
+    tok = model.tokenizer
+    assert (tok.mask_token_id, tok.eos_token_id) == (model.config.mask_token_id, model.config.eos_token_id)
+
+
+def test_writes_the_solution_format_on_held_out_problems(model):
+    tok = model.tokenizer
+    problems = task_math.problems("test", 8, seed=1)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
+                                     add_generation_prompt=True) for p in problems]
+    assert texts[0] == task_math.format_prompt(problems[0].question)
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, return_dict_in_generate=True)
+    width = enc["input_ids"].shape[1]
+    answers = [tok.decode(row[width:], skip_special_tokens=True) for row in out.sequences]
+    assert sum(task_math.answer_of(a) is not None for a in answers) >= 5, answers  # untrained: 0
+    right, written = map(sum, zip(*(task_math.steps_right(a) for a in answers)))
+    assert written >= 2 * len(problems) and right > 0
+    assert float(out.tokens_per_forward.mean()) > 1.5  # D2F decodes several tokens per forward
+    # The kernel path and the plain-PyTorch loop agree on the trained model too.
+    for i, p in enumerate(problems[:3]):
+        ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+        ref = reference_decode(model, [ids], _config(model))
+        n = int(out.new_tokens[i])
+        assert ref.tokens_before_eos(model.config.eos_token_id)[0] == out.sequences[i, width:width + n].tolist()
+
+
+def _config(model):
+    from d2f_ext import D2FConfig
+
+    return D2FConfig(block_size=model.generation_config.block_size,
+                     max_new_tokens=model.generation_config.max_new_tokens)
+
+
+def test_cli_default_answers_its_default_question():
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        assert cli.main([]) == 0
+    assert "The answer is" in out.getvalue()
+    assert "tokens_per_forward=" in err.getvalue()
