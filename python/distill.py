@@ -228,8 +228,9 @@ def main(argv=None) -> list[float]:
         if a.merge_to and d.peft is not None:
             merge(a.teacher, a.out, a.merge_to)
         # The student decodes blocks of the size it was distilled on, over the trained canvas.
-        for folder in [f for f in (a.out if d.peft is None else None, a.merge_to) if f]:
-            tc.write_generation_config(folder, block_size=a.block_size, max_new_tokens=a.gen_len)
+        checkpoint = a.out if d.peft is None else a.merge_to  # an adapter folder takes none
+        if checkpoint:
+            tc.write_generation_config(checkpoint, block_size=a.block_size, max_new_tokens=a.gen_len)
 
     losses = tc.run(tc.trainable(d.student), step_loss, steps=a.steps, lr=a.lr, warmup=a.warmup,
                     out=a.out, save=save, resume=a.resume, save_every=a.save_every, desc="distill",

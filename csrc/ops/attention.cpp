@@ -158,13 +158,12 @@ void store_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   check_same_device(op, "cache_lens", cache_lens, "k", k);
   check_same_device(op, "src_start", src_start, "k", k);
   check_same_device(op, "src_len", src_len, "k", k);
-  check_int_range(op, "cache_lens", cache_lens, B, 0, S);
-  check_int_range(op, "src_start", src_start, B, 0, W);
-  check_int_range(op, "src_len", src_len, B, 0, W);
-  if (host_checkable(k)) {
-    const at::Tensor lens = cache_lens.cpu(), start = src_start.cpu(), len = src_len.cpu();
+  const auto lens = check_int_range(op, "cache_lens", cache_lens, B, 0, S);
+  const auto start = check_int_range(op, "src_start", src_start, B, 0, W);
+  const auto len = check_int_range(op, "src_len", src_len, B, 0, W);
+  if (lens && start && len) {
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t n = lens.data_ptr<int32_t>()[b], s = start.data_ptr<int32_t>()[b], m = len.data_ptr<int32_t>()[b];
+      const int64_t n = lens->data_ptr<int32_t>()[b], s = start->data_ptr<int32_t>()[b], m = len->data_ptr<int32_t>()[b];
       TORCH_CHECK(s + m <= W, op, ": src_start + src_len must be <= the window length ", W, ", got ", s, " + ", m,
                   " in row ", b);
       TORCH_CHECK(n + m <= S, op, ": cache overflow: cache_lens + src_len must be <= the cache capacity ", S,

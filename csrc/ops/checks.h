@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 #include "kernels/params.h"
@@ -69,17 +70,21 @@ inline bool host_checkable(const at::Tensor& t) {
   return true;
 }
 
-// 1-D int32 tensor of `len` values, all in [lo, hi] (the values are checked where host_checkable).
-inline void check_int_range(const char* op, const char* name, const at::Tensor& t, int64_t len, int64_t lo,
-                            int64_t hi) {
+// 1-D int32 tensor of `len` values, all in [lo, hi]. Where host_checkable, the values are read
+// on the host (one small copy for CUDA tensors) and returned for further checks; else nullopt.
+inline std::optional<at::Tensor> check_int_range(const char* op, const char* name, const at::Tensor& t,
+                                                 int64_t len, int64_t lo, int64_t hi) {
   check_dim(op, name, t, 1, "[B]");
   check_dtype(op, name, t, {at::kInt});
   check_size(op, name, t, 0, len, "the batch size");
-  if (len == 0 || !host_checkable(t)) return;
-  const auto [mn_t, mx_t] = at::aminmax(t);
-  const int64_t mn = mn_t.item<int64_t>(), mx = mx_t.item<int64_t>();
-  TORCH_CHECK(mn >= lo && mx <= hi, op, ": ", name, " values must be in [", lo, ", ", hi, "], got [", mn, ", ", mx,
-              "]");
+  if (!host_checkable(t)) return std::nullopt;
+  at::Tensor host = t.cpu();
+  if (len > 0) {
+    const int64_t mn = host.min().item<int64_t>(), mx = host.max().item<int64_t>();
+    TORCH_CHECK(mn >= lo && mx <= hi, op, ": ", name, " values must be in [", lo, ", ", hi, "], got [", mn, ", ",
+                mx, "]");
+  }
+  return host;
 }
 
 inline DType kernel_dtype(at::ScalarType t) {
