@@ -16,7 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "d2f-math")
-DEFAULT_PROMPT = ("Mia has 25 apples. Mia buys 17 more apples and then gives 8 of them. "
+DEFAULT_PROMPT = ("Mia has 12 apples. Mia buys 7 more apples and then gives 5 of them. "
                   "How many apples does Mia have now?")
 
 

@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ar", default="runs/ar", help="folder saved by train_ar.py")
     p.add_argument("--problems", type=int, default=100, help="held-out problems (task_math test split)")
     p.add_argument("--seed", type=int, default=0, help="test-split seed")
+    task_math.add_level_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (training's gen_len)")
     p.add_argument("--block-size", type=int, default=16, help="as in distillation")
     p.add_argument("--block-add-threshold", type=float, default=0.1)
@@ -345,7 +346,7 @@ def main(argv=None) -> dict:
 
 
 def _run(a) -> dict:
-    problems = task_math.problems("test", a.problems, a.seed)
+    problems = task_math.problems("test", a.problems, a.seed, a.level)
     methods, models, s_tok = load_methods(a)
     student = models["student"]
     rows = evaluate(methods, problems, "e2e")

@@ -153,7 +153,7 @@ def load_pairs(a, tok):
             rows = [json.loads(line) for line in f if line.strip()]
         prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     else:
-        problems = task_math.problems("train", a.train_size, a.seed)
+        problems = task_math.problems("train", a.train_size, a.seed, a.level)
         prompts = [task_math.format_prompt(p.question) for p in problems]
         responses = [p.solution for p in problems]
     if a.chat:
@@ -179,6 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eos-id", type=int, help="EOS id when the tokenizer has none")
     p.add_argument("--gen-len", type=int, default=64, help="response canvas, filled with EOS")
     p.add_argument("--train-size", type=int, default=100000)
+    task_math.add_level_arg(p)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=1e-5)

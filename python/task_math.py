@@ -46,11 +46,20 @@ def _finish(question: str, lead: str, steps: list[str], answer: int) -> Problem:
 
 
 # Each template draws its numbers so that every intermediate value stays a whole, non-negative
-# number of a few digits: the model learns arithmetic, not rounding or negative counts.
+# number of a few digits: the model learns arithmetic, not rounding or negative counts. The
+# "small" level draws the same stories with numbers up to 20 and one-digit factors: arithmetic
+# whose facts a model of a few million parameters learns within an hour on two CPU cores.
 
-def _buy_give(r: random.Random) -> Problem:
+LEVELS = ("gsm", "small")
+
+
+def _num(r: random.Random, small: bool, gsm: tuple[int, int], small_range: tuple[int, int]) -> int:
+    return r.randint(*(small_range if small else gsm))
+
+
+def _buy_give(r: random.Random, small: bool) -> Problem:
     n, m, obj = *r.sample(NAMES, 2), r.choice(OBJECTS)
-    a, b = r.randint(10, 400), r.randint(5, 300)
+    a, b = _num(r, small, (10, 400), (2, 20)), _num(r, small, (5, 300), (2, 20))
     c = r.randint(1, a + b)
     x, s1 = _step(a, "+", b)
     y, s2 = _step(x, "-", c)
@@ -63,9 +72,9 @@ def _buy_give(r: random.Random) -> Problem:
     return _finish(q, f"{n} starts with {a} {obj}.", [s1, s2], y)
 
 
-def _containers(r: random.Random) -> Problem:
+def _containers(r: random.Random, small: bool) -> Problem:
     n, obj, box = r.choice(NAMES), r.choice(OBJECTS), r.choice(CONTAINERS)
-    a, b = r.randint(2, 40), r.randint(2, 12)
+    a, b = _num(r, small, (2, 40), (2, 9)), _num(r, small, (2, 12), (2, 9))
     c = r.randint(1, a * b)
     x, s1 = _step(a, "*", b)
     y, s2 = _step(x, "-", c)
@@ -76,10 +85,10 @@ def _containers(r: random.Random) -> Problem:
     return _finish(q, f"There are {a} {box} of {b} {obj}.", [s1, s2], y)
 
 
-def _share(r: random.Random) -> Problem:
+def _share(r: random.Random, small: bool) -> Problem:
     n, obj = r.choice(NAMES), r.choice(OBJECTS)
-    b, x0 = r.randint(2, 9), r.randint(2, 60)
-    a, c = b * x0, r.randint(1, 90)
+    b, x0 = r.randint(2, 9), _num(r, small, (2, 60), (2, 9))
+    a, c = b * x0, _num(r, small, (1, 90), (1, 20))
     x, s1 = _step(a, "/", b)
     y, s2 = _step(x, "+", c)
     q = r.choice([
@@ -89,9 +98,9 @@ def _share(r: random.Random) -> Problem:
     return _finish(q, "", [s1, s2], y)
 
 
-def _wages(r: random.Random) -> Problem:
+def _wages(r: random.Random, small: bool) -> Problem:
     n = r.choice(NAMES)
-    a, b = r.randint(5, 90), r.randint(2, 9)
+    a, b = _num(r, small, (5, 90), (2, 9)), r.randint(2, 9)
     c = r.randint(1, a * b)
     x, s1 = _step(a, "*", b)
     y, s2 = _step(x, "-", c)
@@ -102,9 +111,9 @@ def _wages(r: random.Random) -> Problem:
     return _finish(q, f"{n} gets {a} dollars {b} times.", [s1, s2], y)
 
 
-def _times_as_many(r: random.Random) -> Problem:
+def _times_as_many(r: random.Random, small: bool) -> Problem:
     n, m, obj = *r.sample(NAMES, 2), r.choice(OBJECTS)
-    a, b = r.randint(3, 99), r.randint(2, 9)
+    a, b = _num(r, small, (3, 99), (2, 9)), r.randint(2, 9)
     x, s1 = _step(a, "*", b)
     y, s2 = _step(a, "+", x)
     q = r.choice([
@@ -114,10 +123,10 @@ def _times_as_many(r: random.Random) -> Problem:
     return _finish(q, f"{m} has {b} times {a} {obj}.", [s1, s2], y)
 
 
-def _change(r: random.Random) -> Problem:
+def _change(r: random.Random, small: bool) -> Problem:
     n, item = r.choice(NAMES), r.choice(ITEMS)
-    a, b = r.randint(2, 60), r.randint(2, 9)
-    c = a * b + r.randint(0, 200)
+    a, b = _num(r, small, (2, 60), (2, 9)), r.randint(2, 9)
+    c = a * b + _num(r, small, (0, 200), (0, 20))
     x, s1 = _step(a, "*", b)
     y, s2 = _step(c, "-", x)
     q = r.choice([
@@ -127,9 +136,10 @@ def _change(r: random.Random) -> Problem:
     return _finish(q, f"{b} {item}s cost {b} times {a} dollars.", [s1, s2], y)
 
 
-def _three_steps(r: random.Random) -> Problem:
+def _three_steps(r: random.Random, small: bool) -> Problem:
     place, obj = r.choice(PLACES), r.choice(OBJECTS)
-    a, b, d = r.randint(20, 500), r.randint(10, 300), r.randint(2, 5)
+    # a + b >= 2 * d: what is left after adjusting c below stays non-negative.
+    a, b, d = _num(r, small, (20, 500), (5, 20)), _num(r, small, (10, 300), (5, 20)), r.randint(2, 5)
     c = r.randint(0, a + b)
     c -= (a + b - c) % d  # what is left must split evenly
     c += d if c < 0 else 0  # same remainder, still at most a + b since a + b > d
@@ -143,9 +153,9 @@ def _three_steps(r: random.Random) -> Problem:
     return _finish(q, f"The {place} starts with {a} {obj}.", [s1, s2, s3], z)
 
 
-def _rows(r: random.Random) -> Problem:
+def _rows(r: random.Random, small: bool) -> Problem:
     n, obj = r.choice(NAMES), r.choice(OBJECTS)
-    a, b, c = r.randint(2, 30), r.randint(2, 20), r.randint(2, 200)
+    a, b, c = _num(r, small, (2, 30), (2, 9)), _num(r, small, (2, 20), (2, 9)), _num(r, small, (2, 200), (2, 20))
     x, s1 = _step(a, "*", b)
     y, s2 = _step(x, "+", c)
     q = r.choice([
@@ -155,7 +165,7 @@ def _rows(r: random.Random) -> Problem:
     return _finish(q, f"The rows hold {a} times {b} {obj}.", [s1, s2], y)
 
 
-TEMPLATES: list[Callable[[random.Random], Problem]] = [
+TEMPLATES: list[Callable[[random.Random, bool], Problem]] = [
     _buy_give, _containers, _share, _wages, _times_as_many, _change, _three_steps, _rows]
 
 
@@ -164,20 +174,29 @@ def _is_test(question: str) -> bool:
     return int.from_bytes(digest[:8], "little") % TEST_BUCKETS == 0
 
 
-def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
-    """``n`` distinct problems of ``split`` ("train" or "test"), the same for the same seed."""
+def problems(split: str, n: int, seed: int = 0, level: str = "gsm") -> list[Problem]:
+    """``n`` distinct problems of ``split`` ("train" or "test") at ``level`` (one of LEVELS), the
+    same for the same seed."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     # The split name enters the seed so that a test set of seed s does not simply replay the
     # draws the train set of seed s rejected.
     r = random.Random(f"{split}:{seed}")
     out, seen = [], set()
     while len(out) < n:
-        p = r.choice(TEMPLATES)(r)
+        p = r.choice(TEMPLATES)(r, level == "small")
         if _is_test(p.question) == (split == "test") and p.question not in seen:
             seen.add(p.question)
             out.append(p)
     return out
+
+
+def add_level_arg(parser) -> None:
+    """--level, for the scripts that train or evaluate on the task: all must use the same one."""
+    parser.add_argument("--level", choices=LEVELS, default="small",
+                        help="difficulty; small is what models trained on two CPU cores learn")
 
 
 def format_prompt(question: str) -> str:

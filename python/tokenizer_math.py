@@ -49,18 +49,18 @@ def build_tokenizer(folder: str, texts: Iterable[str], vocab_size: int = 512,
     return {"eos": tok.token_to_id(EOS), "mask": tok.token_to_id(MASK), "pad": tok.token_to_id(PAD)}
 
 
-def task_texts(n: int, seed: int = 0) -> list[str]:
+def task_texts(n: int, seed: int = 0, level: str = "gsm") -> list[str]:
     """Prompt and solution texts of ``n`` training problems: the tokenizer's training corpus."""
     import task_math
 
     out = []
-    for p in task_math.problems("train", n, seed):
+    for p in task_math.problems("train", n, seed, level):
         out += [task_math.format_prompt(p.question), p.solution]
     return out
 
 
 def load_or_build(folder: str, source: str | None = None, seed: int = 0, vocab_size: int = 512,
-                  corpus: int = 20000):
+                  corpus: int = 20000, level: str = "gsm"):
     """The tokenizer of ``folder``: copied from ``source`` when given (so that several models
     share one tokenizer), kept if ``folder`` already has one (a resumed run), else trained."""
     from transformers import AutoTokenizer
@@ -70,5 +70,5 @@ def load_or_build(folder: str, source: str | None = None, seed: int = 0, vocab_s
 
         copy_tokenizer(source, folder)
     elif not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        build_tokenizer(folder, task_texts(corpus, seed), vocab_size)
+        build_tokenizer(folder, task_texts(corpus, seed, level), vocab_size)
     return AutoTokenizer.from_pretrained(folder)

@@ -214,6 +214,8 @@ def run(params: dict[str, torch.nn.Parameter], step_loss: Callable[[int], tuple[
 def add_pretraining_args(p, steps: int) -> None:
     """The arguments of the from-scratch trainers (teacher and AR baseline), which must match for
     the two models to be comparable."""
+    import task_math
+
     p.add_argument("--out", required=True, help="checkpoint folder (also holds the resume state)")
     p.add_argument("--tokenizer", help="folder of an existing tokenizer to share (default: train one)")
     p.add_argument("--hidden", type=int, default=256)
@@ -222,6 +224,7 @@ def add_pretraining_args(p, steps: int) -> None:
     p.add_argument("--intermediate", type=int, help="MLP width (default 3 x hidden)")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--train-size", type=int, default=100000, help="distinct training problems")
+    task_math.add_level_arg(p)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -244,8 +247,8 @@ def start_pretraining(a, build_model):
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     os.makedirs(a.out, exist_ok=True)
-    tok = tokenizer_math.load_or_build(a.out, a.tokenizer, a.seed)
+    tok = tokenizer_math.load_or_build(a.out, a.tokenizer, a.seed, level=a.level)
     model = build_model(tok, a.hidden, a.layers, a.heads, a.intermediate or 3 * a.hidden, a.max_len)
     model.to(a.device).train()
-    return tok, model, task_math.problems("train", a.train_size, a.seed)
+    return tok, model, task_math.problems("train", a.train_size, a.seed, a.level)
 

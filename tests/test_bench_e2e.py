@@ -28,7 +28,7 @@ def test_smoke_writes_all_methods_with_consistent_numbers(smoke):
         saved = json.load(f)
     rows = saved["methods"]
     assert list(rows) == list(bench_e2e.METHODS)
-    problems = task_math.problems("test", 3, 0)
+    problems = task_math.problems("test", 3, 0, saved["args"]["level"])
     for s in rows.values():
         recs = s["records"]
         assert s["problems"] == len(recs) == 3

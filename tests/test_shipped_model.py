@@ -32,7 +32,7 @@ def test_shipped_folder_is_a_checkpoint_with_decoding_settings(model):
 
 def test_writes_the_solution_format_on_held_out_problems(model):
     tok = model.tokenizer
-    problems = task_math.problems("test", 8, seed=1)
+    problems = task_math.problems("test", 8, seed=1, level="small")  # the level it was trained on
     texts = [tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
                                      add_generation_prompt=True) for p in problems]
     assert texts[0] == task_math.format_prompt(problems[0].question)

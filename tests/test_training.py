@@ -38,13 +38,30 @@ def teacher(tmp_path_factory):
 
 # --- the math task ---------------------------------------------------------------------------
 
-def test_answers_parse_and_match():
-    for p in task_math.problems("train", 400, seed=3):
+@pytest.mark.parametrize("level", task_math.LEVELS)
+def test_answers_parse_and_match(level):
+    for p in task_math.problems("train", 400, seed=3, level=level):
+        n = len(task_math.STEP_RE.findall(p.solution))
+        assert n >= 2 and task_math.steps_right(p.solution) == (n, n)
         assert p.solution.endswith(f"The answer is {p.answer}.")
         assert task_math.answer_of(p.solution) == p.answer
         assert p.answer >= 0
     assert task_math.answer_of("no answer here") is None
     assert task_math.answer_of("so The answer is 12 and The answer is 7") == 12
+
+
+def test_small_level_draws_small_numbers():
+    import re
+
+    def numbers(ps):
+        return [int(x) for p in ps for x in re.findall(r"\d+", p.question + p.solution)]
+
+    small = numbers(task_math.problems("train", 2000, seed=0, level="small"))
+    gsm = numbers(task_math.problems("train", 2000, seed=0))
+    assert max(small) <= 9 * 9 + 20 and max(gsm) > 300
+    assert task_math.problems("test", 50, seed=0) == task_math.problems("test", 50, seed=0, level="gsm")
+    with pytest.raises(ValueError, match="level"):
+        task_math.problems("test", 5, level="hard")
 
 
 def test_split_disjoint_and_deterministic():
@@ -289,7 +306,7 @@ def test_ar_loss_falls_and_loads(teacher, tmp_path):
 
     folder, _ = teacher
     out = str(tmp_path / "ar")
-    losses = train_ar.main(["--out", out, "--tokenizer", folder, "--steps", "20", "--lr", "3e-3", *TINY])
+    losses = train_ar.main(["--out", out, "--tokenizer", folder, "--steps", "40", "--lr", "3e-3", *TINY])
     assert fell(losses), losses
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 2)
