@@ -20,6 +20,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import task_math  # noqa: E402
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
 STATE_DIR = "trainer"  # optimiser state and step, inside the output folder
@@ -214,8 +216,6 @@ def run(params: dict[str, torch.nn.Parameter], step_loss: Callable[[int], tuple[
 def add_pretraining_args(p, steps: int) -> None:
     """The arguments of the from-scratch trainers (teacher and AR baseline), which must match for
     the two models to be comparable."""
-    import task_math
-
     p.add_argument("--out", required=True, help="checkpoint folder (also holds the resume state)")
     p.add_argument("--tokenizer", help="folder of an existing tokenizer to share (default: train one)")
     p.add_argument("--hidden", type=int, default=256)
@@ -240,7 +240,6 @@ def add_pretraining_args(p, steps: int) -> None:
 def start_pretraining(a, build_model):
     """Threads, seed, output folder, tokenizer, the model (in train mode) and the training
     problems, as the from-scratch trainers set them up: returns (tokenizer, model, problems)."""
-    import task_math
     import tokenizer_math
 
     if a.threads:
