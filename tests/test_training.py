@@ -6,6 +6,7 @@ import os
 import pathlib
 import statistics
 import sys
+import types
 
 import pytest
 import torch
@@ -189,6 +190,44 @@ def test_distill_loss_is_weighted_kl_on_masked_positions():
     ce = -(torch.softmax(t, -1) * torch.log_softmax(s_ce, -1)).sum(-1)
     ((ce / ratio)[masked].sum() / masked.sum()).backward()
     torch.testing.assert_close(s.grad, s_ce.grad)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Logits a fixed function of the input ids; records what it was given."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.config = types.SimpleNamespace(logit_shift=False)
+        self.table = torch.randn(V + 1, V, generator=torch.Generator().manual_seed(1))
+        self.seen = None
+
+    def forward(self, ids, block_ids):
+        self.seen = ids.clone()
+        return self.table[ids]
+
+
+@pytest.mark.parametrize("weighting", train_teacher.WEIGHTINGS)
+def test_teacher_loss_weighting(weighting):
+    V, mask_id, eps = 7, 7, 1e-3
+    g = torch.Generator().manual_seed(0)
+    batch = tc.collate([([1, 2, 3], [4, 5, 6, 0, 0]), ([2, 2], [6, 1, 0]), ([3], [1, 2, 3, 4, 5, 6])], pad_id=0)
+    model = _FixedLogits(V)
+    seed = 5
+    got = train_teacher.diffusion_loss(model, batch, mask_id, eps, torch.Generator().manual_seed(seed), weighting)
+    masked = model.seen == mask_id
+    assert not (masked & ~batch.response()).any() and masked.any()
+    assert torch.equal(model.seen[~masked], batch.ids[~masked])
+    ce = torch.nn.functional.cross_entropy(model.table[model.seen][masked], batch.ids[masked], reduction="none")
+    if weighting == "tokens":
+        want = ce.mean()
+    else:  # LLaDA's: per sequence, sum of CE / ratio over its response length; mean over the batch
+        ratio = (1 - eps) * torch.rand(3, generator=torch.Generator().manual_seed(seed)) + eps
+        per_pos = torch.zeros(batch.ids.shape)
+        per_pos[masked] = ce
+        want = ((per_pos.sum(1) / ratio) / batch.response().sum(1)).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="weighting"):
+        train_teacher.diffusion_loss(model, batch, mask_id, eps, g, "uniform")
 
 
 def _lora_distiller(folder):
