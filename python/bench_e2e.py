@@ -177,12 +177,18 @@ def _over(x: float, y: float):
     return x / y if y else None
 
 
+def _points(x: float, y: float) -> float:
+    # Rounded so that a difference of exactly 2 points of accuracy is -2, not
+    # 100 * (0.32 - 0.34) = -2.0000000000000018, which would miss a ">= -2" target.
+    return round(100 * (x - y), 6)
+
+
 def ratios(rows: dict[str, dict]) -> dict:
     d, van, ar = rows["d2f"], rows["teacher-vanilla"], rows["ar"]
     return dict(d2f_over_ar_speed=_over(d["tokens_per_s"], ar["tokens_per_s"]),
                 d2f_over_vanilla_speed=_over(d["tokens_per_s"], van["tokens_per_s"]),
-                d2f_minus_vanilla_points=100 * (d["accuracy"] - van["accuracy"]),
-                d2f_minus_ar_points=100 * (d["accuracy"] - ar["accuracy"]))
+                d2f_minus_vanilla_points=_points(d["accuracy"], van["accuracy"]),
+                d2f_minus_ar_points=_points(d["accuracy"], ar["accuracy"]))
 
 
 def report(rows: dict[str, dict], r: dict) -> None:

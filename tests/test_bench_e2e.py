@@ -79,3 +79,10 @@ def test_check_rejects_malformed_results(smoke, breaks, message):
     breaks(bad)
     with pytest.raises(ValueError, match=message):
         bench_e2e.check(bad)
+
+
+def test_accuracy_points_exact_at_the_target():
+    row = dict(tokens_per_s=1.0)
+    r = bench_e2e.ratios({"d2f": {**row, "accuracy": 0.32}, "teacher-vanilla": {**row, "accuracy": 0.34},
+                          "ar": {**row, "accuracy": 0.89}})
+    assert r["d2f_minus_vanilla_points"] == -2.0 and r["d2f_minus_ar_points"] == -57.0
