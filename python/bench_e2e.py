@@ -1,7 +1,8 @@
 """The end-to-end table of the D2F recipe on the math task: accuracy and speed of the AR baseline
 (transformers generate, greedy, KV cache), the teacher under vanilla and Fast-dLLM-mode decoding,
 and the D2F student on the kernel path and on the plain-PyTorch reference loop, in one run on the
-same held-out problems (task_math test split), batch 1.
+same held-out problems (task_math test split), batch 1. The student decodes with the thresholds
+in its generation_config.json (tune_d2f.py picks them on other problems) unless flags say otherwise.
 
 Per method: accuracy (answer_of on the decoded text), the share of written arithmetic steps that
 are right (task_math.steps_right), generated tokens/s (tokens before EOS only), forwards per
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -38,6 +40,7 @@ from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode  # noq
 from d2f_ext.models import load_adapter, load_model  # noqa: E402
 
 METHODS = ("ar", "teacher-vanilla", "teacher-fast-dllm", "d2f", "d2f-reference")
+THRESHOLDS = ("block_add_threshold", "decoded_token_threshold", "skip_threshold")
 SWEEP_SKIP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_ADD = (0.1, 0.5, 0.9)
 
@@ -63,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     task_math.add_level_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (training's gen_len)")
     p.add_argument("--block-size", type=int, default=16, help="as in distillation")
-    p.add_argument("--block-add-threshold", type=float, default=0.1)
-    p.add_argument("--decoded-token-threshold", type=float, default=0.95)
-    p.add_argument("--skip-threshold", type=float, default=0.9)
+    for name in THRESHOLDS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, help="default: the student's "
+                       "generation_config.json (tune_d2f.py writes it), else D2FConfig's")
     p.add_argument("--vanilla-steps", type=int, help="default: max-new-tokens (one token a step)")
     p.add_argument("--sweep", action="store_true", help="also run the student over the threshold grid")
     p.add_argument("--sweep-skip", type=_floats, default=SWEEP_SKIP, help="comma-separated skip thresholds")
@@ -81,10 +84,16 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x)
 
 
-def d2f_config(a, **override) -> D2FConfig:
-    return D2FConfig(**{**dict(block_size=a.block_size, block_add_threshold=a.block_add_threshold,
-                               decoded_token_threshold=a.decoded_token_threshold,
-                               skip_threshold=a.skip_threshold, max_new_tokens=a.max_new_tokens), **override})
+def d2f_config(a, folder: str) -> D2FConfig:
+    """The student's decoding settings: the flags given, then the thresholds in ``folder``'s
+    generation_config.json (as model.generate would take them), then D2FConfig's defaults."""
+    saved = {}
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = {k: v for k, v in json.load(f).items() if k in THRESHOLDS}
+    given = {k: getattr(a, k) for k in THRESHOLDS if getattr(a, k) is not None}
+    return D2FConfig(block_size=a.block_size, max_new_tokens=a.max_new_tokens, **{**saved, **given})
 
 
 def _diffusion(model, run) -> Callable[[list[int]], tuple[list[int], int]]:
@@ -114,7 +123,7 @@ def load_methods(a):
         load_adapter(student, a.student_adapter)
     ar = AutoModelForCausalLM.from_pretrained(a.ar, dtype=torch.float32).to(a.device).eval()
     t_tok, s_tok, ar_tok = (AutoTokenizer.from_pretrained(f) for f in (a.teacher, a.student or a.teacher, a.ar))
-    cfg = d2f_config(a)
+    cfg = d2f_config(a, a.student or a.teacher)
     steps = a.vanilla_steps or a.max_new_tokens
     methods = {
         "ar": Method(_ar(ar, ar_tok.eos_token_id, ar_tok.pad_token_id, a.max_new_tokens, a.device), ar_tok),
@@ -125,7 +134,7 @@ def load_methods(a):
         "d2f": Method(_diffusion(student, _d2f_with(cfg)), s_tok),
         "d2f-reference": Method(_diffusion(student, lambda m, ids: reference_decode(m, [ids], cfg)), s_tok),
     }
-    return methods, dict(teacher=teacher, student=student, ar=ar), s_tok
+    return methods, dict(teacher=teacher, student=student, ar=ar), s_tok, cfg
 
 
 def evaluate(methods: dict[str, Method], problems, desc: str) -> dict[str, dict]:
@@ -270,10 +279,11 @@ def _finish(fig, ax, path, title):
     plt.close(fig)  # a sweep after the table: figures would pile up in pyplot's registry
 
 
-def run_sweep(a, student, tokenizer, problems) -> list[dict]:
-    grid = [(skip, add) for skip in a.sweep_skip for add in a.sweep_add]
-    methods = {f"skip={skip} add={add}": Method(_diffusion(student, _d2f_with(
-        d2f_config(a, skip_threshold=skip, block_add_threshold=add))), tokenizer) for skip, add in grid}
+def run_sweep(cfg: D2FConfig, skips, adds, student, tokenizer, problems) -> list[dict]:
+    """The student over the skip_threshold x block_add_threshold grid, the rest of ``cfg`` kept."""
+    grid = [(skip, add) for skip in skips for add in adds]
+    methods = {f"skip={skip} add={add}": Method(_diffusion(student, _d2f_with(dataclasses.replace(
+        cfg, skip_threshold=skip, block_add_threshold=add))), tokenizer) for skip, add in grid}
     res = evaluate(methods, problems, "sweep")
     return [dict(skip_threshold=skip, block_add_threshold=add,
                  **{k: v for k, v in s.items() if k != "records"}) for (skip, add), s in zip(grid, res.values())]
@@ -353,22 +363,23 @@ def main(argv=None) -> dict:
 
 def _run(a) -> dict:
     problems = task_math.problems("test", a.problems, a.seed, a.level)
-    methods, models, s_tok = load_methods(a)
+    methods, models, s_tok, cfg = load_methods(a)
     student = models["student"]
     rows = evaluate(methods, problems, "e2e")
     same = [r["ids"] for r in rows["d2f"]["records"]] == [r["ids"] for r in rows["d2f-reference"]["records"]]
     r = ratios(rows)
     report(rows, r)
     print(f"kernel path == reference loop on every problem: {same}")
+    print("D2F student settings: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in THRESHOLDS))
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
-    payload = dict(env=environment(), args=vars(a), methods=rows, ratios=r,
+    payload = dict(env=environment(), args=vars(a), d2f_config=dataclasses.asdict(cfg), methods=rows, ratios=r,
                    kernel_equals_reference=same, params=params)
     write_json(os.path.join(a.out, "e2e.json"), payload)
     write_markdown(os.path.join(a.out, "e2e.md"), HEADER, table_rows(rows, rows["ar"]["tokens_per_s"]))
     plot(rows, os.path.join(a.out, "e2e.png"), f"{a.problems} held-out problems, batch 1, "
          f"threads={torch.get_num_threads()}")
     if a.sweep:
-        sweep = run_sweep(a, student, s_tok, problems)
+        sweep = run_sweep(cfg, a.sweep_skip, a.sweep_add, student, s_tok, problems)
         write_json(os.path.join(a.out, "sweep.json"), dict(env=payload["env"], args=payload["args"], rows=sweep))
         cells = [table_rows({"": s}, rows["ar"]["tokens_per_s"])[0][1:] for s in sweep]
         write_markdown(os.path.join(a.out, "sweep.md"), ["skip_threshold", "block_add_threshold"] + HEADER[1:],

@@ -1,0 +1,107 @@
+"""Pick the D2F student's skip_threshold and block_add_threshold on validation problems and store
+them in its generation_config.json, the defaults of model.generate, d2f-generate and bench_e2e.
+
+The validation problems are the test split's problems after the first --after (default 100: the
+ones bench_e2e's table is measured on), so the table is never run on the problems it was tuned on.
+The pick: among the grid's settings within --tolerance points of the most accurate one, the one
+with the most tokens per forward (a count: the pick does not move with machine noise as tokens/s
+would; ties go to the higher skip_threshold, the safer one).
+
+    python python/tune_d2f.py --student runs/student --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import d2f_ext  # noqa: E402,F401  (the installed package first, as in bench_e2e)
+import torch  # noqa: E402
+
+import bench_e2e  # noqa: E402
+import task_math  # noqa: E402
+from bench_common import environment, write_json, write_markdown  # noqa: E402
+from d2f_ext import D2FConfig  # noqa: E402
+from d2f_ext.models import load_model  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", required=True, help="checkpoint folder of the D2F student")
+    p.add_argument("--after", type=int, default=100, help="test-split problems left to the table")
+    p.add_argument("--problems", type=int, default=300, help="validation problems")
+    p.add_argument("--seed", type=int, default=0, help="test-split seed (bench_e2e's)")
+    task_math.add_level_arg(p)
+    p.add_argument("--sweep-skip", type=bench_e2e._floats, default=bench_e2e.SWEEP_SKIP)
+    p.add_argument("--sweep-add", type=bench_e2e._floats, default=(0.1, 0.5))
+    p.add_argument("--tolerance", type=float, default=1.0, help="accuracy points below the best still eligible")
+    p.add_argument("--write", action="store_true", help="store the pick in the student's generation_config.json")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="results/tune")
+    return p.parse_args(argv)
+
+
+def pick(rows: list[dict], tolerance: float) -> dict:
+    """The row with the most tokens per forward among those within ``tolerance`` points of the
+    best accuracy; ties to the higher skip_threshold."""
+    if not rows:
+        raise ValueError("no settings to pick from")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    best = max(r["accuracy"] for r in rows)
+    eligible = [r for r in rows if 100 * (best - r["accuracy"]) <= tolerance + 1e-9]
+    return max(eligible, key=lambda r: (r["tokens_per_forward"], r["skip_threshold"]))
+
+
+def write_thresholds(folder: str, row: dict) -> None:
+    """Set the two thresholds in ``folder``'s generation_config.json, keeping its other keys."""
+    path = os.path.join(folder, "generation_config.json")
+    saved = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    saved.update(skip_threshold=row["skip_threshold"], block_add_threshold=row["block_add_threshold"])
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(saved, f, indent=1)
+
+
+def main(argv=None) -> dict:
+    from transformers import AutoTokenizer
+
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    problems = task_math.problems("test", a.after + a.problems, a.seed, a.level)[a.after:]
+    student = load_model(a.student, device=a.device).eval()
+    tok = AutoTokenizer.from_pretrained(a.student)
+    with open(os.path.join(a.student, "generation_config.json"), encoding="utf-8") as f:
+        gc = json.load(f)
+    base = D2FConfig(block_size=gc["block_size"], max_new_tokens=gc["max_new_tokens"])
+    rows = bench_e2e.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems)
+    chosen = pick(rows, a.tolerance)
+    for r in rows:
+        mark = " <- pick" if r is chosen else ""
+        print(f"skip {r['skip_threshold']:<5} add {r['block_add_threshold']:<4} accuracy {r['accuracy']:.3f} "
+              f"tokens/forward {r['tokens_per_forward']:.2f} tokens/s {r['tokens_per_s']:.0f}{mark}")
+    payload = dict(env=environment(), args=vars(a), base=dataclasses.asdict(base), rows=rows, pick=chosen)
+    write_json(os.path.join(a.out, "tune.json"), payload)
+    write_markdown(os.path.join(a.out, "tune.md"), ["skip_threshold", "block_add_threshold", "accuracy",
+                                                    "tokens / forward", "tokens / s"],
+                   [[r["skip_threshold"], r["block_add_threshold"], f"{100 * r['accuracy']:.1f}%",
+                     f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.0f}"] for r in rows])
+    if a.write:
+        write_thresholds(a.student, chosen)
+        print(f"wrote skip_threshold={chosen['skip_threshold']} block_add_threshold="
+              f"{chosen['block_add_threshold']} to {a.student}/generation_config.json")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

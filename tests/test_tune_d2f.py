@@ -1,0 +1,62 @@
+"""tune_d2f: the pick rule, and a run on tiny models that stores its pick without losing the
+student's other generation settings, which bench_e2e then decodes with."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
+
+import bench_e2e  # noqa: E402
+import task_math  # noqa: E402
+import tune_d2f  # noqa: E402
+
+
+def _row(skip, acc, tpf, add=0.1):
+    return dict(skip_threshold=skip, block_add_threshold=add, accuracy=acc, tokens_per_forward=tpf)
+
+
+def test_pick_is_the_most_parallel_setting_within_tolerance():
+    rows = [_row(0.5, 0.28, 7.2), _row(0.7, 0.307, 5.9), _row(0.8, 0.31, 5.4), _row(0.9, 0.31, 4.7)]
+    assert tune_d2f.pick(rows, 1.0)["skip_threshold"] == 0.7
+    assert tune_d2f.pick(rows, 0.0)["skip_threshold"] == 0.8  # the most accurate, then most parallel
+    assert tune_d2f.pick(rows, 3.0)["skip_threshold"] == 0.5
+    # Exactly at the tolerance is within it (0.31 - 0.30 in floating point is 0.010000000000000009).
+    assert tune_d2f.pick([_row(0.9, 0.31, 4.0), _row(0.6, 0.30, 6.0)], 1.0)["skip_threshold"] == 0.6
+    # Equal parallelism: the higher (safer) threshold.
+    assert tune_d2f.pick([_row(0.6, 0.3, 5.0), _row(0.9, 0.3, 5.0)], 1.0)["skip_threshold"] == 0.9
+    with pytest.raises(ValueError, match="tolerance"):
+        tune_d2f.pick(rows, -1.0)
+    with pytest.raises(ValueError, match="no settings"):
+        tune_d2f.pick([], 1.0)
+
+
+def test_tune_writes_its_pick_and_bench_e2e_reads_it(tmp_path):
+    paths = bench_e2e.train_smoke(str(tmp_path))
+    student = paths["student"]
+    before = json.loads((pathlib.Path(student) / "generation_config.json").read_text())
+    out = tune_d2f.main(["--student", student, "--after", "3", "--problems", "2", "--sweep-skip", "0.6,0.95",
+                         "--sweep-add", "0.1", "--threads", "1", "--write", "--out", str(tmp_path / "tune")])
+    assert {(r["skip_threshold"], r["block_add_threshold"]) for r in out["rows"]} == {(0.6, 0.1), (0.95, 0.1)}
+    assert out["pick"] == tune_d2f.pick(out["rows"], 1.0)
+    assert all(r["problems"] == 2 for r in out["rows"])
+    saved = json.loads((pathlib.Path(student) / "generation_config.json").read_text())
+    assert saved == {**before, "skip_threshold": out["pick"]["skip_threshold"], "block_add_threshold": 0.1}
+    assert json.loads((tmp_path / "tune" / "tune.json").read_text())["pick"] == out["pick"]
+    # bench_e2e's student settings: the saved thresholds, overridden by the flags given.
+    args = bench_e2e.parse_args(["--student", student, "--decoded-token-threshold", "0.8"])
+    cfg = bench_e2e.d2f_config(args, student)
+    assert (cfg.skip_threshold, cfg.block_add_threshold, cfg.decoded_token_threshold) == \
+        (out["pick"]["skip_threshold"], 0.1, 0.8)
+    args = bench_e2e.parse_args(["--skip-threshold", "0.55"])
+    assert bench_e2e.d2f_config(args, student).skip_threshold == 0.55
+    assert bench_e2e.d2f_config(args, str(tmp_path)).decoded_token_threshold == 0.95  # no file: defaults
+
+
+def test_validation_problems_follow_the_tables():
+    table = task_math.problems("test", 100, 0, "small")
+    validation = task_math.problems("test", 100 + 50, 0, "small")[100:]
+    assert table == task_math.problems("test", 150, 0, "small")[:100]
+    assert not {p.question for p in table} & {p.question for p in validation}
