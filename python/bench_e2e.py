@@ -71,17 +71,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "generation_config.json (tune_d2f.py writes it), else D2FConfig's")
     p.add_argument("--vanilla-steps", type=int, help="default: max-new-tokens (one token a step)")
     p.add_argument("--sweep", action="store_true", help="also run the student over the threshold grid")
-    p.add_argument("--sweep-skip", type=_floats, default=SWEEP_SKIP, help="comma-separated skip thresholds")
-    p.add_argument("--sweep-add", type=_floats, default=SWEEP_ADD, help="comma-separated block-add thresholds")
+    p.add_argument("--sweep-skip", type=thresholds, default=SWEEP_SKIP, help="comma-separated skip thresholds")
+    p.add_argument("--sweep-add", type=thresholds, default=SWEEP_ADD, help="comma-separated block-add thresholds")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/e2e")
     p.add_argument("--smoke", action="store_true", help="train tiny models in a temp folder, 3 problems, check outputs")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    check_counts(p, a, problems=1)
+    return a
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x)
+def thresholds(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated thresholds, at least one, each in [0, 1]."""
+    try:
+        out = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not out or not all(0.0 <= x <= 1.0 for x in out):
+        raise argparse.ArgumentTypeError(f"needs one or more thresholds in [0, 1], got {text!r}")
+    return out
+
+
+def check_counts(p: argparse.ArgumentParser, a: argparse.Namespace, **minimum: int) -> None:
+    """Exit with argparse's usage error when an integer argument is below its minimum."""
+    for name, low in minimum.items():
+        if getattr(a, name) < low:
+            p.error(f"--{name} must be >= {low}, got {getattr(a, name)}")
 
 
 def d2f_config(a, folder: str) -> D2FConfig:

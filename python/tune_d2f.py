@@ -38,14 +38,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--problems", type=int, default=300, help="validation problems")
     p.add_argument("--seed", type=int, default=0, help="test-split seed (bench_e2e's)")
     task_math.add_level_arg(p)
-    p.add_argument("--sweep-skip", type=bench_e2e._floats, default=bench_e2e.SWEEP_SKIP)
-    p.add_argument("--sweep-add", type=bench_e2e._floats, default=(0.1, 0.5))
+    p.add_argument("--sweep-skip", type=bench_e2e.thresholds, default=bench_e2e.SWEEP_SKIP)
+    p.add_argument("--sweep-add", type=bench_e2e.thresholds, default=(0.1, 0.5))
     p.add_argument("--tolerance", type=float, default=1.0, help="accuracy points below the best still eligible")
     p.add_argument("--write", action="store_true", help="store the pick in the student's generation_config.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/tune")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    bench_e2e.check_counts(p, a, problems=1, after=0)
+    if a.tolerance < 0:
+        p.error(f"--tolerance must be >= 0, got {a.tolerance}")
+    return a
 
 
 def pick(rows: list[dict], tolerance: float) -> dict:
@@ -73,17 +77,31 @@ def write_thresholds(folder: str, row: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    from transformers import AutoTokenizer
-
     a = parse_args(argv)
+    threads = torch.get_num_threads()
     if a.threads:
         torch.set_num_threads(a.threads)
+    try:
+        return _run(a)
+    finally:
+        torch.set_num_threads(threads)  # main is also called in-process, by the tests
+
+
+def _run(a) -> dict:
+    from transformers import AutoTokenizer
+
     problems = task_math.problems("test", a.after + a.problems, a.seed, a.level)[a.after:]
+    path = os.path.join(a.student, "generation_config.json")
+    gc = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            gc = json.load(f)
+    if not {"block_size", "max_new_tokens"} <= set(gc):
+        raise ValueError(f"--student: {path} must give block_size and max_new_tokens, the student's "
+                         "training blocks and canvas (distill.py writes them)")
+    base = D2FConfig(block_size=gc["block_size"], max_new_tokens=gc["max_new_tokens"])
     student = load_model(a.student, device=a.device).eval()
     tok = AutoTokenizer.from_pretrained(a.student)
-    with open(os.path.join(a.student, "generation_config.json"), encoding="utf-8") as f:
-        gc = json.load(f)
-    base = D2FConfig(block_size=gc["block_size"], max_new_tokens=gc["max_new_tokens"])
     rows = bench_e2e.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems)
     chosen = pick(rows, a.tolerance)
     for r in rows:

@@ -3,6 +3,7 @@ student's other generation settings, which bench_e2e then decodes with."""
 
 import json
 import pathlib
+import re
 import sys
 
 import pytest
@@ -60,3 +61,28 @@ def test_validation_problems_follow_the_tables():
     validation = task_math.problems("test", 100 + 50, 0, "small")[100:]
     assert table == task_math.problems("test", 150, 0, "small")[:100]
     assert not {p.question for p in table} & {p.question for p in validation}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--problems", "0"], "--problems must be >= 1"),
+    (["--after", "-1"], "--after must be >= 0"),
+    (["--tolerance", "-0.5"], "--tolerance must be >= 0"),
+    (["--sweep-skip", "0.5,1.2"], "thresholds in \\[0, 1\\]"),
+    (["--sweep-add", ""], "thresholds in \\[0, 1\\]"),
+    (["--sweep-skip", "0.5,high"], "comma-separated list of numbers"),
+])
+def test_bad_arguments_name_themselves(args, message, capsys):
+    with pytest.raises(SystemExit):
+        tune_d2f.parse_args(["--student", "s", *args])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bench_e2e_rejects_an_empty_table(capsys):
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--problems", "0"])
+    assert "--problems must be >= 1" in capsys.readouterr().err
+
+
+def test_a_student_without_its_generation_settings_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--student: .*block_size and max_new_tokens"):
+        tune_d2f.main(["--student", str(tmp_path), "--problems", "1"])
