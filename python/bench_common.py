@@ -7,7 +7,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -67,6 +67,19 @@ def copy_bandwidth(device, nbytes: int, repeat: int = 7) -> float:
     dst = torch.empty_like(src)
     t = interleaved({"copy": lambda: dst.copy_(src)}, repeat=repeat, device=device)["copy"]
     return 2 * nbytes / t
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]):
+    """torch's CPU thread count set to ``n`` (None: left alone) inside the block and restored
+    after it: the programs' main functions are also called in-process, by the tests."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_json(path: str, payload: dict) -> None:

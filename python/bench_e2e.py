@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -34,13 +33,15 @@ import d2f_ext  # noqa: E402,F401
 import torch  # noqa: E402
 
 import task_math  # noqa: E402
-from bench_common import environment, write_json, write_markdown  # noqa: E402
+import train_common as tc  # noqa: E402
+from bench_common import environment, torch_threads, write_json, write_markdown  # noqa: E402
 from d2f_ext import D2FConfig  # noqa: E402
 from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode  # noqa: E402
 from d2f_ext.models import load_adapter, load_model  # noqa: E402
 
 METHODS = ("ar", "teacher-vanilla", "teacher-fast-dllm", "d2f", "d2f-reference")
 THRESHOLDS = ("block_add_threshold", "decoded_token_threshold", "skip_threshold")
+D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
 SWEEP_SKIP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_ADD = (0.1, 0.5, 0.9)
 
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (training's gen_len)")
     p.add_argument("--block-size", type=int, default=16, help="as in distillation")
     for name in THRESHOLDS:
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, help="default: the student's "
+        p.add_argument(f"--{name.replace('_', '-')}", type=threshold, help="default: the student's "
                        "generation_config.json (tune_d2f.py writes it), else D2FConfig's")
     p.add_argument("--vanilla-steps", type=int, help="default: max-new-tokens (one token a step)")
     p.add_argument("--sweep", action="store_true", help="also run the student over the threshold grid")
@@ -78,36 +79,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results/e2e")
     p.add_argument("--smoke", action="store_true", help="train tiny models in a temp folder, 3 problems, check outputs")
     a = p.parse_args(argv)
-    check_counts(p, a, problems=1)
+    check_counts(p, a, problems=1, threads=1)
     return a
 
 
-def thresholds(text: str) -> tuple[float, ...]:
-    """argparse type: comma-separated thresholds, at least one, each in [0, 1]."""
+def threshold(text: str) -> float:
+    """argparse type: a threshold, in [0, 1]."""
     try:
-        out = tuple(float(x) for x in text.split(",") if x.strip())
+        x = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not out or not all(0.0 <= x <= 1.0 for x in out):
-        raise argparse.ArgumentTypeError(f"needs one or more thresholds in [0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"a threshold must be in [0, 1], got {text!r}")
+    return x
+
+
+def thresholds(text: str) -> tuple[float, ...]:
+    """argparse type: one or more comma-separated thresholds."""
+    out = tuple(threshold(x) for x in text.split(",") if x.strip())
+    if not out:
+        raise argparse.ArgumentTypeError("needs one or more comma-separated thresholds, got none")
     return out
 
 
 def check_counts(p: argparse.ArgumentParser, a: argparse.Namespace, **minimum: int) -> None:
-    """Exit with argparse's usage error when an integer argument is below its minimum."""
+    """Exit with argparse's usage error when an integer argument given is below its minimum."""
     for name, low in minimum.items():
-        if getattr(a, name) < low:
+        if getattr(a, name) is not None and getattr(a, name) < low:
             p.error(f"--{name} must be >= {low}, got {getattr(a, name)}")
 
 
+def saved_settings(folder: str) -> dict:
+    """The D2FConfig fields in ``folder``'s generation_config.json ({} without one)."""
+    return {k: v for k, v in tc.read_generation_config(folder).items() if k in D2F_FIELDS}
+
+
 def d2f_config(a, folder: str) -> D2FConfig:
-    """The student's decoding settings: the flags given, then the thresholds in ``folder``'s
-    generation_config.json (as model.generate would take them), then D2FConfig's defaults."""
-    saved = {}
-    path = os.path.join(folder, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = {k: v for k, v in json.load(f).items() if k in THRESHOLDS}
+    """A model's decoding settings: the flags given, then the thresholds in ``folder``'s
+    generation_config.json (as model.generate would take them), then D2FConfig's defaults. The
+    block size and canvas are the flags' for every method alike."""
+    saved = {k: v for k, v in saved_settings(folder).items() if k in THRESHOLDS}
     given = {k: getattr(a, k) for k in THRESHOLDS if getattr(a, k) is not None}
     return D2FConfig(block_size=a.block_size, max_new_tokens=a.max_new_tokens, **{**saved, **given})
 
@@ -130,7 +141,8 @@ def _ar(model, eos: int, pad: int, max_new: int, device) -> Callable[[list[int]]
 
 
 def load_methods(a):
-    """(the five methods, the models by name, the student's tokenizer): the sweep reuses the student."""
+    """(the five methods, the models by name, the student's tokenizer, the student's D2FConfig,
+    the teacher's Fast-dLLM one): the sweep reuses the student and its settings."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = load_model(a.teacher, device=a.device).eval()
@@ -140,17 +152,20 @@ def load_methods(a):
     ar = AutoModelForCausalLM.from_pretrained(a.ar, dtype=torch.float32).to(a.device).eval()
     t_tok, s_tok, ar_tok = (AutoTokenizer.from_pretrained(f) for f in (a.teacher, a.student or a.teacher, a.ar))
     cfg = d2f_config(a, a.student or a.teacher)
+    # The teacher's own settings (D2FConfig's defaults unless its folder has some), not the
+    # student's: those were tuned for the student.
+    fast = D2FConfig.fast_dllm(**dataclasses.asdict(d2f_config(a, a.teacher)))
     steps = a.vanilla_steps or a.max_new_tokens
     methods = {
         "ar": Method(_ar(ar, ar_tok.eos_token_id, ar_tok.pad_token_id, a.max_new_tokens, a.device), ar_tok),
         "teacher-vanilla": Method(_diffusion(teacher, lambda m, ids: vanilla_decode(
             m, [ids], max_new_tokens=a.max_new_tokens, block_size=a.block_size, steps=steps)), t_tok),
         "teacher-fast-dllm": Method(_diffusion(teacher, lambda m, ids: d2f_decode(
-            m, [ids], D2FConfig.fast_dllm(**dataclasses.asdict(cfg)))), t_tok),
+            m, [ids], fast)), t_tok),
         "d2f": Method(_diffusion(student, _d2f_with(cfg)), s_tok),
         "d2f-reference": Method(_diffusion(student, lambda m, ids: reference_decode(m, [ids], cfg)), s_tok),
     }
-    return methods, dict(teacher=teacher, student=student, ar=ar), s_tok, cfg
+    return methods, dict(teacher=teacher, student=student, ar=ar), s_tok, cfg, fast
 
 
 def evaluate(methods: dict[str, Method], problems, desc: str) -> dict[str, dict]:
@@ -354,13 +369,10 @@ def check(payload: dict) -> None:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    threads = torch.get_num_threads()
     if a.smoke and not a.threads:
         # Tiny models gain nothing from threads, and on shared CI cores a second OpenMP thread
         # waiting for a busy core makes each small matmul ~100x slower.
         a.threads = 1
-    if a.threads:
-        torch.set_num_threads(a.threads)
     tmp = None
     if a.smoke:
         tmp = tempfile.TemporaryDirectory(prefix="d2f_e2e_")
@@ -370,16 +382,16 @@ def main(argv=None) -> dict:
         a.sweep_skip, a.sweep_add = a.sweep_skip[:2], a.sweep_add[:2]
         a.sweep = True  # the sweep's code path runs in CI too, on a 2 x 2 grid
     try:
-        return _run(a)
+        with torch_threads(a.threads):
+            return _run(a)
     finally:
-        torch.set_num_threads(threads)  # main is also called in-process, by the tests
         if tmp is not None:
             tmp.cleanup()
 
 
 def _run(a) -> dict:
     problems = task_math.problems("test", a.problems, a.seed, a.level)
-    methods, models, s_tok, cfg = load_methods(a)
+    methods, models, s_tok, cfg, fast = load_methods(a)
     student = models["student"]
     rows = evaluate(methods, problems, "e2e")
     same = [r["ids"] for r in rows["d2f"]["records"]] == [r["ids"] for r in rows["d2f-reference"]["records"]]
@@ -388,7 +400,8 @@ def _run(a) -> dict:
     print(f"kernel path == reference loop on every problem: {same}")
     print("D2F student settings: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in THRESHOLDS))
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
-    payload = dict(env=environment(), args=vars(a), d2f_config=dataclasses.asdict(cfg), methods=rows, ratios=r,
+    payload = dict(env=environment(), args=vars(a), d2f_config=dataclasses.asdict(cfg),
+                   fast_dllm_config=dataclasses.asdict(fast), methods=rows, ratios=r,
                    kernel_equals_reference=same, params=params)
     write_json(os.path.join(a.out, "e2e.json"), payload)
     write_markdown(os.path.join(a.out, "e2e.md"), HEADER, table_rows(rows, rows["ar"]["tokens_per_s"]))

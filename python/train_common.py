@@ -142,6 +142,15 @@ def save_checkpoint(model, folder: str, tokenizer_src: Optional[str]) -> None:
         copy_tokenizer(tokenizer_src, folder)
 
 
+def read_generation_config(folder: str) -> dict:
+    """``folder``'s generation_config.json as a dict ({} without one)."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def write_generation_config(folder: str, **settings) -> None:
     """generation_config.json: the decoding settings AutoD2FModel's generate uses by default."""
     with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -25,7 +24,8 @@ import torch  # noqa: E402
 
 import bench_e2e  # noqa: E402
 import task_math  # noqa: E402
-from bench_common import environment, write_json, write_markdown  # noqa: E402
+import train_common as tc  # noqa: E402
+from bench_common import environment, torch_threads, write_json, write_markdown  # noqa: E402
 from d2f_ext import D2FConfig  # noqa: E402
 from d2f_ext.models import load_model  # noqa: E402
 
@@ -39,67 +39,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="test-split seed (bench_e2e's)")
     task_math.add_level_arg(p)
     p.add_argument("--sweep-skip", type=bench_e2e.thresholds, default=bench_e2e.SWEEP_SKIP)
-    p.add_argument("--sweep-add", type=bench_e2e.thresholds, default=(0.1, 0.5))
+    p.add_argument("--sweep-add", type=bench_e2e.thresholds, default=bench_e2e.SWEEP_ADD)
     p.add_argument("--tolerance", type=float, default=1.0, help="accuracy points below the best still eligible")
     p.add_argument("--write", action="store_true", help="store the pick in the student's generation_config.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/tune")
     a = p.parse_args(argv)
-    bench_e2e.check_counts(p, a, problems=1, after=0)
+    bench_e2e.check_counts(p, a, problems=1, after=0, threads=1)
     if a.tolerance < 0:
         p.error(f"--tolerance must be >= 0, got {a.tolerance}")
     return a
 
 
+def validation_problems(after: int, n: int, seed: int, level: str):
+    """The ``n`` test-split problems after the first ``after``: the draws are a fixed sequence
+    per seed, so these never include the first ``after``, which bench_e2e's table uses."""
+    return task_math.problems("test", after + n, seed, level)[after:]
+
+
 def pick(rows: list[dict], tolerance: float) -> dict:
     """The row with the most tokens per forward among those within ``tolerance`` points of the
-    best accuracy; ties to the higher skip_threshold."""
+    best accuracy; ties to the higher (safer) thresholds."""
     if not rows:
         raise ValueError("no settings to pick from")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     best = max(r["accuracy"] for r in rows)
     eligible = [r for r in rows if 100 * (best - r["accuracy"]) <= tolerance + 1e-9]
-    return max(eligible, key=lambda r: (r["tokens_per_forward"], r["skip_threshold"]))
-
-
-def write_thresholds(folder: str, row: dict) -> None:
-    """Set the two thresholds in ``folder``'s generation_config.json, keeping its other keys."""
-    path = os.path.join(folder, "generation_config.json")
-    saved = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    saved.update(skip_threshold=row["skip_threshold"], block_add_threshold=row["block_add_threshold"])
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(saved, f, indent=1)
+    return max(eligible, key=lambda r: (r["tokens_per_forward"], r["skip_threshold"], r["block_add_threshold"]))
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    threads = torch.get_num_threads()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    try:
+    with torch_threads(a.threads):
         return _run(a)
-    finally:
-        torch.set_num_threads(threads)  # main is also called in-process, by the tests
 
 
 def _run(a) -> dict:
     from transformers import AutoTokenizer
 
-    problems = task_math.problems("test", a.after + a.problems, a.seed, a.level)[a.after:]
-    path = os.path.join(a.student, "generation_config.json")
-    gc = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            gc = json.load(f)
-    if not {"block_size", "max_new_tokens"} <= set(gc):
-        raise ValueError(f"--student: {path} must give block_size and max_new_tokens, the student's "
-                         "training blocks and canvas (distill.py writes them)")
-    base = D2FConfig(block_size=gc["block_size"], max_new_tokens=gc["max_new_tokens"])
+    saved = bench_e2e.saved_settings(a.student)
+    if not {"block_size", "max_new_tokens"} <= set(saved):
+        raise ValueError(f"--student: {a.student}/generation_config.json must give block_size and "
+                         "max_new_tokens, the student's training blocks and canvas (distill.py writes them)")
+    base = D2FConfig(**saved)
+    problems = validation_problems(a.after, a.problems, a.seed, a.level)
     student = load_model(a.student, device=a.device).eval()
     tok = AutoTokenizer.from_pretrained(a.student)
     rows = bench_e2e.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems)
@@ -115,7 +100,9 @@ def _run(a) -> dict:
                    [[r["skip_threshold"], r["block_add_threshold"], f"{100 * r['accuracy']:.1f}%",
                      f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.0f}"] for r in rows])
     if a.write:
-        write_thresholds(a.student, chosen)
+        tc.write_generation_config(a.student, **{**tc.read_generation_config(a.student),
+                                                 "skip_threshold": chosen["skip_threshold"],
+                                                 "block_add_threshold": chosen["block_add_threshold"]})
         print(f"wrote skip_threshold={chosen['skip_threshold']} block_add_threshold="
               f"{chosen['block_add_threshold']} to {a.student}/generation_config.json")
     return payload

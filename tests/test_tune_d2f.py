@@ -7,6 +7,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
 
@@ -26,8 +27,10 @@ def test_pick_is_the_most_parallel_setting_within_tolerance():
     assert tune_d2f.pick(rows, 3.0)["skip_threshold"] == 0.5
     # Exactly at the tolerance is within it (0.31 - 0.30 in floating point is 0.010000000000000009).
     assert tune_d2f.pick([_row(0.9, 0.31, 4.0), _row(0.6, 0.30, 6.0)], 1.0)["skip_threshold"] == 0.6
-    # Equal parallelism: the higher (safer) threshold.
+    # Equal parallelism: the higher (safer) thresholds, skip first, then block-add.
     assert tune_d2f.pick([_row(0.6, 0.3, 5.0), _row(0.9, 0.3, 5.0)], 1.0)["skip_threshold"] == 0.9
+    tied = [_row(0.7, 0.3, 5.0, add=0.5), _row(0.7, 0.3, 5.0, add=0.9), _row(0.7, 0.3, 5.0, add=0.1)]
+    assert tune_d2f.pick(tied, 1.0)["block_add_threshold"] == 0.9
     with pytest.raises(ValueError, match="tolerance"):
         tune_d2f.pick(rows, -1.0)
     with pytest.raises(ValueError, match="no settings"):
@@ -37,13 +40,19 @@ def test_pick_is_the_most_parallel_setting_within_tolerance():
 def test_tune_writes_its_pick_and_bench_e2e_reads_it(tmp_path):
     paths = bench_e2e.train_smoke(str(tmp_path))
     student = paths["student"]
-    before = json.loads((pathlib.Path(student) / "generation_config.json").read_text())
+    config = pathlib.Path(student) / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token_id": 0}))  # kept as is
+    before = json.loads(config.read_text())
+    threads = torch.get_num_threads()
     out = tune_d2f.main(["--student", student, "--after", "3", "--problems", "2", "--sweep-skip", "0.6,0.95",
                          "--sweep-add", "0.1", "--threads", "1", "--write", "--out", str(tmp_path / "tune")])
+    assert torch.get_num_threads() == threads
     assert {(r["skip_threshold"], r["block_add_threshold"]) for r in out["rows"]} == {(0.6, 0.1), (0.95, 0.1)}
-    assert out["pick"] == tune_d2f.pick(out["rows"], 1.0)
+    assert out["pick"] in out["rows"]
     assert all(r["problems"] == 2 for r in out["rows"])
-    saved = json.loads((pathlib.Path(student) / "generation_config.json").read_text())
+    assert out["base"]["block_size"] == before["block_size"]
+    assert out["base"]["max_new_tokens"] == before["max_new_tokens"]
+    saved = json.loads(config.read_text())
     assert saved == {**before, "skip_threshold": out["pick"]["skip_threshold"], "block_add_threshold": 0.1}
     assert json.loads((tmp_path / "tune" / "tune.json").read_text())["pick"] == out["pick"]
     # bench_e2e's student settings: the saved thresholds, overridden by the flags given.
@@ -54,22 +63,31 @@ def test_tune_writes_its_pick_and_bench_e2e_reads_it(tmp_path):
     args = bench_e2e.parse_args(["--skip-threshold", "0.55"])
     assert bench_e2e.d2f_config(args, student).skip_threshold == 0.55
     assert bench_e2e.d2f_config(args, str(tmp_path)).decoded_token_threshold == 0.95  # no file: defaults
+    # The Fast-dLLM baseline decodes with the teacher's settings, not the student's tuned ones.
+    args = bench_e2e.parse_args(["--teacher", paths["teacher"], "--student", student, "--ar", paths["ar"],
+                                 "--threads", "1"])
+    _, _, _, cfg, fast = bench_e2e.load_methods(args)
+    assert cfg.skip_threshold == out["pick"]["skip_threshold"]
+    assert (fast.skip_threshold, fast.block_add_threshold) == (bench_e2e.D2FConfig().skip_threshold, 1.0)
 
 
-def test_validation_problems_follow_the_tables():
-    table = task_math.problems("test", 100, 0, "small")
-    validation = task_math.problems("test", 100 + 50, 0, "small")[100:]
-    assert table == task_math.problems("test", 150, 0, "small")[:100]
+@pytest.mark.parametrize("level", task_math.LEVELS)
+def test_validation_problems_follow_the_tables(level):
+    table = task_math.problems("test", 100, 0, level)
+    validation = tune_d2f.validation_problems(100, 50, 0, level)
+    assert len(validation) == 50 and validation[0] != table[0]
     assert not {p.question for p in table} & {p.question for p in validation}
+    assert tune_d2f.validation_problems(0, 100, 0, level) == table
 
 
 @pytest.mark.parametrize("args, message", [
     (["--problems", "0"], "--problems must be >= 1"),
     (["--after", "-1"], "--after must be >= 0"),
     (["--tolerance", "-0.5"], "--tolerance must be >= 0"),
-    (["--sweep-skip", "0.5,1.2"], "thresholds in \\[0, 1\\]"),
-    (["--sweep-add", ""], "thresholds in \\[0, 1\\]"),
-    (["--sweep-skip", "0.5,high"], "comma-separated list of numbers"),
+    (["--sweep-skip", "0.5,1.2"], r"--sweep-skip: a threshold must be in \[0, 1\], got '1.2'"),
+    (["--sweep-add", ""], "--sweep-add: needs one or more"),
+    (["--sweep-skip", "0.5,high"], "--sweep-skip: not a number: 'high'"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_arguments_name_themselves(args, message, capsys):
     with pytest.raises(SystemExit):
@@ -77,10 +95,16 @@ def test_bad_arguments_name_themselves(args, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_bench_e2e_rejects_an_empty_table(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--problems", "0"], "--problems must be >= 1"),
+    (["--skip-threshold", "2"], r"--skip-threshold: a threshold must be in \[0, 1\], got '2'"),
+    (["--decoded-token-threshold", "x"], "--decoded-token-threshold: not a number"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+])
+def test_bench_e2e_bad_arguments_name_themselves(args, message, capsys):
     with pytest.raises(SystemExit):
-        bench_e2e.parse_args(["--problems", "0"])
-    assert "--problems must be >= 1" in capsys.readouterr().err
+        bench_e2e.parse_args(args)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_a_student_without_its_generation_settings_is_refused(tmp_path):
