@@ -130,6 +130,11 @@ def _diffusion(model, run) -> Callable[[list[int]], tuple[list[int], int]]:
     return decode
 
 
+def vanilla_method(teacher, tokenizer, max_new_tokens: int, block_size: int, steps: int) -> Method:
+    return Method(_diffusion(teacher, lambda m, ids: vanilla_decode(
+        m, [ids], max_new_tokens=max_new_tokens, block_size=block_size, steps=steps)), tokenizer)
+
+
 def _ar(model, eos: int, pad: int, max_new: int, device) -> Callable[[list[int]], tuple[list[int], int]]:
     def decode(ids):
         x = torch.tensor([ids], device=device)
@@ -158,8 +163,7 @@ def load_methods(a):
     steps = a.vanilla_steps or a.max_new_tokens
     methods = {
         "ar": Method(_ar(ar, ar_tok.eos_token_id, ar_tok.pad_token_id, a.max_new_tokens, a.device), ar_tok),
-        "teacher-vanilla": Method(_diffusion(teacher, lambda m, ids: vanilla_decode(
-            m, [ids], max_new_tokens=a.max_new_tokens, block_size=a.block_size, steps=steps)), t_tok),
+        "teacher-vanilla": vanilla_method(teacher, t_tok, a.max_new_tokens, a.block_size, steps),
         "teacher-fast-dllm": Method(_diffusion(teacher, lambda m, ids: d2f_decode(
             m, [ids], fast)), t_tok),
         "d2f": Method(_diffusion(student, _d2f_with(cfg)), s_tok),

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="checkpoint folder of the D2F student")
+    p.add_argument("--teacher", help="also decode the validation problems with this teacher's vanilla "
+                   "decoding (one token a step): the accuracy the student's is held against")
     p.add_argument("--after", type=int, default=100, help="test-split problems left to the table")
     p.add_argument("--problems", type=int, default=300, help="validation problems")
     p.add_argument("--seed", type=int, default=0, help="test-split seed (bench_e2e's)")
@@ -93,12 +95,24 @@ def _run(a) -> dict:
         mark = " <- pick" if r is chosen else ""
         print(f"skip {r['skip_threshold']:<5} add {r['block_add_threshold']:<4} accuracy {r['accuracy']:.3f} "
               f"tokens/forward {r['tokens_per_forward']:.2f} tokens/s {r['tokens_per_s']:.0f}{mark}")
-    payload = dict(env=environment(), args=vars(a), base=dataclasses.asdict(base), rows=rows, pick=chosen)
+    reference = None
+    if a.teacher:
+        teacher = load_model(a.teacher, device=a.device).eval()
+        vanilla = bench_e2e.vanilla_method(teacher, AutoTokenizer.from_pretrained(a.teacher), base.max_new_tokens,
+                                           base.block_size, base.max_new_tokens)
+        reference = bench_e2e.evaluate({"teacher-vanilla": vanilla}, problems, "teacher")["teacher-vanilla"]
+        reference = {k: v for k, v in reference.items() if k != "records"}
+        print(f"teacher, vanilla: accuracy {reference['accuracy']:.3f}")
+    payload = dict(env=environment(), args=vars(a), base=dataclasses.asdict(base), rows=rows, pick=chosen,
+                   teacher_vanilla=reference)
     write_json(os.path.join(a.out, "tune.json"), payload)
+    cells = [[r["skip_threshold"], r["block_add_threshold"], f"{100 * r['accuracy']:.1f}%",
+              f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.0f}"] for r in rows]
+    if reference:
+        cells.append(["teacher, vanilla", "", f"{100 * reference['accuracy']:.1f}%",
+                      f"{reference['tokens_per_forward']:.2f}", f"{reference['tokens_per_s']:.0f}"])
     write_markdown(os.path.join(a.out, "tune.md"), ["skip_threshold", "block_add_threshold", "accuracy",
-                                                    "tokens / forward", "tokens / s"],
-                   [[r["skip_threshold"], r["block_add_threshold"], f"{100 * r['accuracy']:.1f}%",
-                     f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.0f}"] for r in rows])
+                                                    "tokens / forward", "tokens / s"], cells)
     if a.write:
         tc.write_generation_config(a.student, **{**tc.read_generation_config(a.student),
                                                  "skip_threshold": chosen["skip_threshold"],

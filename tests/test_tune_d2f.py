@@ -44,8 +44,12 @@ def test_tune_writes_its_pick_and_bench_e2e_reads_it(tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token_id": 0}))  # kept as is
     before = json.loads(config.read_text())
     threads = torch.get_num_threads()
-    out = tune_d2f.main(["--student", student, "--after", "3", "--problems", "2", "--sweep-skip", "0.6,0.95",
-                         "--sweep-add", "0.1", "--threads", "1", "--write", "--out", str(tmp_path / "tune")])
+    out = tune_d2f.main(["--student", student, "--teacher", paths["teacher"], "--after", "3", "--problems", "2",
+                         "--sweep-skip", "0.6,0.95", "--sweep-add", "0.1", "--threads", "1", "--write",
+                         "--out", str(tmp_path / "tune")])
+    van = out["teacher_vanilla"]
+    assert van["problems"] == 2 and van["forwards"] == 2 * before["max_new_tokens"]  # one token a step
+    assert len((tmp_path / "tune" / "tune.md").read_text().splitlines()) == 2 + 2 + 1
     assert torch.get_num_threads() == threads
     assert {(r["skip_threshold"], r["block_add_threshold"]) for r in out["rows"]} == {(0.6, 0.1), (0.95, 0.1)}
     assert out["pick"] in out["rows"]
