@@ -41,7 +41,6 @@ from d2f_ext.models import load_adapter, load_model  # noqa: E402
 
 METHODS = ("ar", "teacher-vanilla", "teacher-fast-dllm", "d2f", "d2f-reference")
 THRESHOLDS = ("block_add_threshold", "decoded_token_threshold", "skip_threshold")
-D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
 SWEEP_SKIP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_ADD = (0.1, 0.5, 0.9)
 
@@ -109,16 +108,11 @@ def check_counts(p: argparse.ArgumentParser, a: argparse.Namespace, **minimum: i
             p.error(f"--{name} must be >= {low}, got {getattr(a, name)}")
 
 
-def saved_settings(folder: str) -> dict:
-    """The D2FConfig fields in ``folder``'s generation_config.json ({} without one)."""
-    return {k: v for k, v in tc.read_generation_config(folder).items() if k in D2F_FIELDS}
-
-
 def d2f_config(a, folder: str) -> D2FConfig:
     """A model's decoding settings: the flags given, then the thresholds in ``folder``'s
     generation_config.json (as model.generate would take them), then D2FConfig's defaults. The
     block size and canvas are the flags' for every method alike."""
-    saved = {k: v for k, v in saved_settings(folder).items() if k in THRESHOLDS}
+    saved = {k: v for k, v in tc.read_generation_config(folder).items() if k in THRESHOLDS}
     given = {k: getattr(a, k) for k in THRESHOLDS if getattr(a, k) is not None}
     return D2FConfig(block_size=a.block_size, max_new_tokens=a.max_new_tokens, **{**saved, **given})
 

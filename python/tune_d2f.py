@@ -5,7 +5,7 @@ The validation problems are the test split's problems after the first --after (d
 ones bench_e2e's table is measured on), so the table is never run on the problems it was tuned on.
 The pick: among the grid's settings within --tolerance points of the most accurate one, the one
 with the most tokens per forward (a count: the pick does not move with machine noise as tokens/s
-would; ties go to the higher skip_threshold, the safer one).
+would; ties go to the higher thresholds, the safer ones: skip_threshold, then block_add_threshold).
 
     python python/tune_d2f.py --student runs/student --write
 """
@@ -81,11 +81,12 @@ def main(argv=None) -> dict:
 def _run(a) -> dict:
     from transformers import AutoTokenizer
 
-    saved = bench_e2e.saved_settings(a.student)
-    if not {"block_size", "max_new_tokens"} <= set(saved):
+    gc = tc.read_generation_config(a.student)
+    if not {"block_size", "max_new_tokens"} <= set(gc):
         raise ValueError(f"--student: {a.student}/generation_config.json must give block_size and "
                          "max_new_tokens, the student's training blocks and canvas (distill.py writes them)")
-    base = D2FConfig(**saved)
+    fields = {f.name for f in dataclasses.fields(D2FConfig)}
+    base = D2FConfig(**{k: v for k, v in gc.items() if k in fields})
     problems = validation_problems(a.after, a.problems, a.seed, a.level)
     student = load_model(a.student, device=a.device).eval()
     tok = AutoTokenizer.from_pretrained(a.student)
@@ -114,8 +115,7 @@ def _run(a) -> dict:
     write_markdown(os.path.join(a.out, "tune.md"), ["skip_threshold", "block_add_threshold", "accuracy",
                                                     "tokens / forward", "tokens / s"], cells)
     if a.write:
-        tc.write_generation_config(a.student, **{**tc.read_generation_config(a.student),
-                                                 "skip_threshold": chosen["skip_threshold"],
+        tc.write_generation_config(a.student, **{**gc, "skip_threshold": chosen["skip_threshold"],
                                                  "block_add_threshold": chosen["block_add_threshold"]})
         print(f"wrote skip_threshold={chosen['skip_threshold']} block_add_threshold="
               f"{chosen['block_add_threshold']} to {a.student}/generation_config.json")
