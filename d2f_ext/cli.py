@@ -12,7 +12,7 @@ import torch
 from .auto import AutoD2FModel
 from .generate import DECODERS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "d2f-math")
@@ -42,7 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--sampling-strategy", choices=["default", "margin_confidence", "neg_entropy"])
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--steps", type=int, help="vanilla decoder: steps per generation (default max-new-tokens)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--stop", action="append", help="stop string (repeatable): a completion ends once its text holds one")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="float16 for GPUs without bfloat16")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
@@ -55,7 +57,21 @@ def main(argv=None) -> int:
         return 2
 
 
+def check_device(name: str) -> torch.device:
+    """The device, or a ValueError naming --device when it does not exist on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def run(a: argparse.Namespace) -> int:
+    check_device(a.device)
     model = AutoD2FModel.from_pretrained(a.model, adapter=a.adapter, dtype=DTYPES[a.dtype], device=a.device)
     tok = model.tokenizer
     if tok is None:
@@ -77,6 +93,8 @@ def run(a: argparse.Namespace) -> int:
         kwargs["steps"] = a.steps
     elif a.temperature > 0:
         kwargs.update(do_sample=True, temperature=a.temperature)
+    if a.stop:
+        kwargs["stop_strings"] = a.stop
     t0 = time.perf_counter()
     out = model.generate(enc["input_ids"].to(a.device), attention_mask=enc["attention_mask"].to(a.device),
                          max_new_tokens=a.max_new_tokens, decoder=a.decoder,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from . import layout as L
 
@@ -19,7 +21,8 @@ class D2FConfig:
     fully activated. skip_threshold: a masked position is decoded when its probability is
     strictly above it. sampling_strategy: confidence of the forced single pick ("default",
     "margin_confidence", "neg_entropy"). max_new_tokens: at most max_new_tokens // block_size
-    blocks. temperature 0 is greedy; top_k / top_p filter before the softmax.
+    blocks, as in the D2F authors' loop, or one shorter block when it is below block_size (see
+    :attr:`gen_len`). temperature 0 is greedy; top_k / top_p filter before the softmax.
     """
 
     block_size: int = 32
@@ -43,9 +46,8 @@ class D2FConfig:
         if self.sampling_strategy not in L.CONFIDENCES:
             raise ValueError(f"sampling_strategy must be one of {sorted(L.CONFIDENCES)}, "
                              f"got {self.sampling_strategy!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < self.block_size:
-            raise ValueError(f"max_new_tokens must be an integer >= block_size ({self.block_size}), "
-                             f"got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
@@ -54,8 +56,33 @@ class D2FConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
     @property
-    def max_blocks(self) -> int:
-        return self.max_new_tokens // self.block_size
+    def gen_len(self) -> int:
+        """Tokens the D2F loop generates at most: whole blocks, or one block of max_new_tokens
+        when that is below block_size."""
+        if self.max_new_tokens < self.block_size:
+            return self.max_new_tokens
+        return self.max_new_tokens // self.block_size * self.block_size
+
+    @classmethod
+    def from_generation_config(cls, generation_config: Any = None, **overrides) -> "D2FConfig":
+        """The settings a transformers ``GenerationConfig`` (or a dict, e.g. generation_config.json)
+        gives, then ``overrides`` (None means not given), then the defaults. As in transformers,
+        decoding is greedy unless ``do_sample``, which ignores temperature / top_k / top_p when
+        off; sampling defaults to temperature 1 and, unseeded, draws its seed from torch's
+        generator (so torch.manual_seed reproduces it)."""
+        s = {}
+        if generation_config is not None:
+            gc = generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
+            s.update({k: v for k, v in gc.items() if v is not None})
+        s.update({k: v for k, v in overrides.items() if v is not None})
+        if not s.pop("do_sample", False):
+            for k in ("temperature", "top_k", "top_p"):
+                s.pop(k, None)
+        else:
+            s.setdefault("temperature", 1.0)
+            s.setdefault("seed", int(torch.randint(0, 2 ** 62, (1,))))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in s.items() if k in fields})
 
     @classmethod
     def fast_dllm(cls, **kwargs) -> "D2FConfig":

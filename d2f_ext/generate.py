@@ -1,12 +1,15 @@
 """HF-style ``generate`` for models loaded by d2f_ext, decoding with D2F by default.
 
-Returns prompt + new tokens like transformers' generate: each row's tokens through its first EOS,
-then ``pad_token_id``; with ``return_dict_in_generate=True`` a ModelOutput that also carries the
-model forwards and the tokens per forward of each row.
+Returns prompt + new tokens like transformers' generate: each row's tokens through its first EOS
+(or through the token that completes a stop string), then ``pad_token_id``; with
+``return_dict_in_generate=True`` a ModelOutput that also carries the model forwards and the
+tokens per forward of each row. The D2F decoders run on the model's long-lived
+:class:`d2f_ext.engine.Engine`, so a second call of the same shapes allocates nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 from typing import Optional
@@ -15,11 +18,12 @@ import torch
 from transformers.utils import ModelOutput
 
 from .config import D2FConfig
-from .decoding import d2f_decode, reference_decode, vanilla_decode
+from .decoding import DECODERS, decode
 from .decoding.common import split_padded
+from .engine import Engine, EngineConfig
 
-DECODERS = ("d2f", "fast-dllm", "vanilla", "reference")
 _D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
+_ENGINE_DECODERS = ("d2f", "fast-dllm")
 
 
 @dataclasses.dataclass
@@ -30,109 +34,121 @@ class D2FGenerateOutput(ModelOutput):
     new_tokens: Optional[torch.Tensor] = None
 
 
-def _settings(model, generation_config, max_new_tokens, kwargs):
-    """Merge generation_config, then explicit keyword arguments, into decoder settings."""
-    s = {}
-    if generation_config is not None:
-        gc = generation_config.to_dict() if hasattr(generation_config, "to_dict") else dict(generation_config)
-        s.update({k: v for k, v in gc.items() if v is not None})
-    unknown = set(kwargs) - _D2F_FIELDS - {"do_sample", "eos_token_id", "pad_token_id"}
-    if unknown:
-        raise TypeError(f"generate() got unexpected keyword argument(s): {sorted(unknown)}")
-    s.update(kwargs)
-    if max_new_tokens is not None:
-        s["max_new_tokens"] = max_new_tokens
-    if not s.pop("do_sample", False):  # greedy, as in transformers: sampling settings are ignored
-        for k in ("temperature", "top_k", "top_p"):
-            s.pop(k, None)
-    else:
-        s.setdefault("temperature", 1.0)  # transformers' default when sampling
-        # Unseeded sampling follows torch's global generator, so torch.manual_seed reproduces it.
-        s.setdefault("seed", int(torch.randint(0, 2 ** 62, (1,))))
-    eos = s.pop("eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    eos = model.config.eos_token_id if eos is None else int(eos)
-    pad = s.pop("pad_token_id", None)
-    pad = model.config.pad_token_id if pad is None else int(pad)
-    pad = eos if pad is None else pad
-    return s, eos, pad
+def merged_generation_config(model, generation_config=None):
+    """The model's generation config with the fields ``generation_config`` sets laid over it, as
+    transformers merges a passed GenerationConfig (a dict works too)."""
+    base = getattr(model, "generation_config", None)
+    if generation_config is None:
+        return base
+    given = (generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict")
+             else dict(generation_config))
+    if base is None:
+        return given
+    merged = copy.deepcopy(base)
+    merged.update(**given)
+    return merged
+
+
+def engine_for(model, block_size: int, batch: int, length: int, **options) -> Engine:
+    """The model's engine, built anew only when this call needs a different block size or
+    step driving, or more rows or positions than it has."""
+    e = getattr(model, "d2f_engine", None)
+    want = EngineConfig(max_batch=batch, max_len=length, block_size=block_size, **options)
+    if e is not None and e.config.block_size == block_size and e.config.max_batch >= batch and \
+            e.max_len >= length and all(getattr(e.config, k) == v for k, v in options.items()):
+        return e
+    if e is not None and e.config.block_size == block_size:  # grow, keeping what it had
+        want = dataclasses.replace(want, max_batch=max(batch, e.config.max_batch), max_len=max(length, e.max_len))
+    model.d2f_engine = Engine(model, want)
+    return model.d2f_engine
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              max_new_tokens: Optional[int] = None, generation_config=None, streamer=None, *,
              decoder: str = "d2f", return_dict_in_generate: bool = False, steps: Optional[int] = None,
-             **kwargs):
+             stop_strings=None, tokenizer=None, max_length: Optional[int] = None, **kwargs):
     """Generate with D2F (``decoder="d2f"``), Fast-dLLM mode (``"fast-dllm"``: one block at a
     time), vanilla decoding (``"vanilla"``, ``steps`` per generation) or the plain-PyTorch
     reference loop (``"reference"``). D2F parameters (block_size, block_add_threshold,
     decoded_token_threshold, skip_threshold, sampling_strategy, temperature, top_k, top_p, seed)
-    come as keyword arguments or attributes of ``generation_config`` (default: the model's
-    ``generation_config``, which AutoD2FModel reads from the checkpoint's generation_config.json)."""
+    come as keyword arguments or attributes of ``generation_config``, laid over the model's own
+    (which AutoD2FModel reads from the checkpoint's generation_config.json). ``stop_strings``
+    (with ``tokenizer``, default the model's) end a row once its text holds one; ``max_length``
+    counts the prompt (its padded width, as in transformers), ``max_new_tokens`` wins over it."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     prompts = split_padded(input_ids, attention_mask)
-    if generation_config is None:  # as in transformers: the one loaded with the model
-        generation_config = getattr(model, "generation_config", None)
-    return_dict_in_generate |= bool(getattr(generation_config, "return_dict_in_generate", False))
-    s, eos, pad = _settings(model, generation_config, max_new_tokens, kwargs)
-    s = {k: v for k, v in s.items() if k in _D2F_FIELDS}
+    unknown = set(kwargs) - _D2F_FIELDS - {"do_sample", "eos_token_id", "pad_token_id"}
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s): {sorted(unknown)}")
+    gc = merged_generation_config(model, generation_config)
+    get = (gc.get if isinstance(gc, dict) else (lambda k, d=None: getattr(gc, k, d))) if gc is not None \
+        else (lambda k, d=None: d)
+    return_dict_in_generate |= bool(get("return_dict_in_generate", False))
+    if max_new_tokens is None and max_length is not None:
+        max_new_tokens = max_length - input_ids.shape[1]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_length ({max_length}) must exceed the input length ({input_ids.shape[1]})")
+    eos = kwargs.pop("eos_token_id", None)
+    eos = get("eos_token_id") if eos is None else eos
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    eos = model.config.eos_token_id if eos is None else int(eos)
+    pad = kwargs.pop("pad_token_id", None)
+    pad = get("pad_token_id") if pad is None else pad
+    pad = model.config.pad_token_id if pad is None else int(pad)
+    pad = eos if pad is None else pad
+    cfg = D2FConfig.from_generation_config(gc, max_new_tokens=max_new_tokens, **kwargs)
+    stop = stop_strings if stop_strings is not None else get("stop_strings")
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if stop and decoder not in _ENGINE_DECODERS:
+        raise ValueError(f"stop_strings work with the decoders {_ENGINE_DECODERS}, not {decoder!r}")
     if streamer is not None and len(prompts) != 1:
         raise ValueError("streamer supports batch size 1 only, as in transformers")
-    feed = _StreamFeed(streamer, input_ids[0], model.config.mask_token_id, eos) if streamer else None
-    if decoder == "vanilla":
-        bs = s.get("block_size", 32)
-        new = s.get("max_new_tokens", 128)
-        out = vanilla_decode(model, prompts, max_new_tokens=new, block_size=bs,
-                             steps=steps if steps is not None else new)
+    if streamer is not None:
+        streamer.put(input_ids[0].cpu())
+
+    if decoder in _ENGINE_DECODERS:
+        if decoder == "fast-dllm":
+            cfg = D2FConfig.fast_dllm(**dataclasses.asdict(cfg))
+        engine = engine_for(model, cfg.block_size, len(prompts), max(map(len, prompts)) + cfg.max_new_tokens)
+        if tokenizer is not None:
+            engine.tokenizer = tokenizer
+        on_step = None
+        if streamer is not None:
+            def on_step(outputs):
+                for o in outputs:
+                    tail = [eos] if o.finished and o.request.hit_eos else []
+                    if o.new_tokens or tail:
+                        streamer.put(torch.tensor(o.new_tokens + tail))
+        out, requests = engine.decode(prompts, cfg, eos_id=eos, stop=stop, on_step=on_step)
+        rows = [r.output for r in requests]
+        hit = [r.hit_eos for r in requests]
     else:
-        cfg = D2FConfig.fast_dllm(**s) if decoder == "fast-dllm" else D2FConfig(**s)
-        if decoder == "reference":
-            out = reference_decode(model, prompts, cfg, eos_id=eos)
-        else:
-            out = d2f_decode(model, prompts, cfg, eos_id=eos, on_step=feed)
-    if feed is not None:
-        feed(out.generated, None)  # what is left (all of it, for decoders that do not stream)
-    rows = out.tokens_before_eos(eos)
-    hit = [len(r) < out.generated.shape[1] and int(out.generated[i, len(r)]) == eos
-           if eos is not None else False for i, r in enumerate(rows)]
+        out = decode(model, prompts, cfg, decoder=decoder, eos_id=eos, steps=steps)
+        rows = out.tokens_before_eos(eos)
+        hit = [eos is not None and len(r) < out.generated.shape[1] and int(out.generated[i, len(r)]) == eos
+               for i, r in enumerate(rows)]
+        if streamer is not None:
+            streamer.put(torch.tensor(rows[0] + ([eos] if hit[0] else [])))
     new_rows = [r + ([eos] if h else []) for r, h in zip(rows, hit)]
     width = max(len(r) for r in new_rows)
     new = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, r in enumerate(new_rows):
         new[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    sequences = torch.cat([input_ids.cpu(), new], 1).to(input_ids.device)
+    sequences = torch.cat([input_ids.cpu().long(), new], 1).to(input_ids.device)
     if streamer is not None:
         streamer.end()
     if not return_dict_in_generate:
         return sequences
     n_new = torch.tensor([len(r) for r in rows])
-    return D2FGenerateOutput(sequences=sequences, forwards=out.forwards.cpu(),
-                             tokens_per_forward=n_new / out.forwards.cpu().clamp(min=1),
-                             new_tokens=n_new)
-
-
-class _StreamFeed:
-    """Feeds a transformers streamer the prompt, then each newly final prefix of row 0."""
-
-    def __init__(self, streamer, prompt: torch.Tensor, mask_id: int, eos: Optional[int]):
-        self.streamer, self.mask_id, self.eos, self.sent = streamer, mask_id, eos, 0
-        self.done = False
-        streamer.put(prompt.cpu())
-
-    def __call__(self, generated: torch.Tensor, rows) -> None:
-        if self.done:
-            return
-        row = generated[0].tolist()
-        end = row.index(self.mask_id) if self.mask_id in row else len(row)
-        if self.eos is not None and self.eos in row[:end]:
-            end = row.index(self.eos) + 1
-            self.done = True
-        if end > self.sent:
-            self.streamer.put(torch.tensor(row[self.sent:end]))
-            self.sent = end
+    forwards = out.forwards.cpu()
+    return D2FGenerateOutput(sequences=sequences, forwards=forwards,
+                             tokens_per_forward=n_new / forwards.clamp(min=1), new_tokens=n_new)
 
 
 def patch(model):

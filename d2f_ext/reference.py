@@ -142,9 +142,11 @@ def pipeline_step(rows, blocks, counts, eos_block, block_size, add_threshold, ac
             return float(blk[L.LEN, i] - blk[L.MASKED, i]) / float(blk[L.LEN, i])
 
         # 1. add
-        if n < NB and r[L.EOS_BLOCK] < 0 and decoded_fraction(n - 1) >= add_threshold:
-            start = int(blk[L.START, n - 1] + blk[L.LEN, n - 1])
-            blk[:, n] = torch.tensor([start, block_size, block_size, L.ACTIVE, 0], dtype=blk.dtype)
+        start = int(blk[L.START, n - 1] + blk[L.LEN, n - 1])
+        budget_left = int(r[L.PROMPT_LEN] + r[L.GEN_LEN]) - start
+        if n < NB and budget_left > 0 and r[L.EOS_BLOCK] < 0 and decoded_fraction(n - 1) >= add_threshold:
+            size = min(block_size, budget_left)
+            blk[:, n] = torch.tensor([start, size, size, L.ACTIVE, 0], dtype=blk.dtype)
             n += 1
             r[L.NUM_BLOCKS] = n
         # 2. activate

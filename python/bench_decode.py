@@ -22,7 +22,7 @@ import torch
 from bench_common import environment, write_json, write_markdown
 
 from d2f_ext import D2FConfig
-from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode
+from d2f_ext.decoding import d2f_decode, decode
 from d2f_ext.models import load_model
 from d2f_ext.models.tiny import write_tiny_checkpoint
 
@@ -60,14 +60,9 @@ def main():
                     decoded_token_threshold=a.decoded_token_threshold, skip_threshold=a.skip_threshold,
                     max_new_tokens=a.max_new_tokens)
     steps = a.vanilla_steps or a.max_new_tokens
-    decoders = {
-        "d2f": lambda p: d2f_decode(model, [p], cfg, static=False),
-        "d2f-static": lambda p: d2f_decode(model, [p], cfg, static=True, cuda_graphs=False),
-        "fast-dllm": lambda p: d2f_decode(model, [p], D2FConfig.fast_dllm(**{**cfg.__dict__})),
-        "reference-loop": lambda p: reference_decode(model, [p], cfg),
-        "vanilla": lambda p: vanilla_decode(model, [p], max_new_tokens=a.max_new_tokens,
-                                            block_size=a.block_size, steps=steps),
-    }
+    decoders = {name: (lambda p, name=name: decode(model, [p], cfg, decoder=name, steps=steps))
+                for name in ("d2f", "fast-dllm", "reference", "vanilla")}
+    decoders["d2f-static"] = lambda p: d2f_decode(model, [p], cfg, static=True, cuda_graphs=False)
     if torch.device(a.device).type == "cuda":
         decoders["d2f-cuda-graphs"] = lambda p: d2f_decode(model, [p], cfg, static=True, cuda_graphs=True)
     eos = model.config.eos_token_id
@@ -101,7 +96,7 @@ def main():
     for r in rows:
         print(f"{r['decoder']:15} {r['generated_tokens']:7d} {r['forwards_per_sequence']:8.1f} "
               f"{r['tokens_per_forward']:6.2f} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base:9.2f}x")
-    same = all(outputs[k] == outputs["reference-loop"] for k in decoders if k.startswith("d2f"))
+    same = all(outputs[k] == outputs["reference"] for k in decoders if k.startswith("d2f"))
     print(f"kernel path == reference loop on every prompt: {same}")
     write_json(os.path.join(a.out, "decode.json"), {"env": environment(), "args": vars(a), "params": params,
                                                    "rows": rows, "kernel_equals_reference": same})

@@ -36,7 +36,7 @@ import task_math  # noqa: E402
 import train_common as tc  # noqa: E402
 from bench_common import environment, torch_threads, write_json, write_markdown  # noqa: E402
 from d2f_ext import D2FConfig  # noqa: E402
-from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode  # noqa: E402
+from d2f_ext.decoding import decode  # noqa: E402
 from d2f_ext.models import load_adapter, load_model  # noqa: E402
 
 METHODS = ("ar", "teacher-vanilla", "teacher-fast-dllm", "d2f", "d2f-reference")
@@ -113,20 +113,20 @@ def d2f_config(a, folder: str) -> D2FConfig:
     generation_config.json (as model.generate would take them), then D2FConfig's defaults. The
     block size and canvas are the flags' for every method alike."""
     saved = {k: v for k, v in tc.read_generation_config(folder).items() if k in THRESHOLDS}
-    given = {k: getattr(a, k) for k in THRESHOLDS if getattr(a, k) is not None}
-    return D2FConfig(block_size=a.block_size, max_new_tokens=a.max_new_tokens, **{**saved, **given})
+    return D2FConfig.from_generation_config(saved, block_size=a.block_size, max_new_tokens=a.max_new_tokens,
+                                            **{k: getattr(a, k) for k in THRESHOLDS})
 
 
-def _diffusion(model, run) -> Callable[[list[int]], tuple[list[int], int]]:
-    def decode(ids):
-        out = run(model, ids)
+def _diffusion(model, cfg: D2FConfig, decoder: str, steps=None) -> Callable[[list[int]], tuple[list[int], int]]:
+    def run(ids):
+        out = decode(model, [ids], cfg, decoder=decoder, steps=steps)
         return out.tokens_before_eos(model.config.eos_token_id)[0], int(out.forwards[0])
-    return decode
+    return run
 
 
 def vanilla_method(teacher, tokenizer, max_new_tokens: int, block_size: int, steps: int) -> Method:
-    return Method(_diffusion(teacher, lambda m, ids: vanilla_decode(
-        m, [ids], max_new_tokens=max_new_tokens, block_size=block_size, steps=steps)), tokenizer)
+    cfg = D2FConfig(block_size=block_size, max_new_tokens=max_new_tokens)
+    return Method(_diffusion(teacher, cfg, "vanilla", steps), tokenizer)
 
 
 def _ar(model, eos: int, pad: int, max_new: int, device) -> Callable[[list[int]], tuple[list[int], int]]:
@@ -158,10 +158,9 @@ def load_methods(a):
     methods = {
         "ar": Method(_ar(ar, ar_tok.eos_token_id, ar_tok.pad_token_id, a.max_new_tokens, a.device), ar_tok),
         "teacher-vanilla": vanilla_method(teacher, t_tok, a.max_new_tokens, a.block_size, steps),
-        "teacher-fast-dllm": Method(_diffusion(teacher, lambda m, ids: d2f_decode(
-            m, [ids], fast)), t_tok),
-        "d2f": Method(_diffusion(student, _d2f_with(cfg)), s_tok),
-        "d2f-reference": Method(_diffusion(student, lambda m, ids: reference_decode(m, [ids], cfg)), s_tok),
+        "teacher-fast-dllm": Method(_diffusion(teacher, fast, "fast-dllm"), t_tok),
+        "d2f": Method(_diffusion(student, cfg, "d2f"), s_tok),
+        "d2f-reference": Method(_diffusion(student, cfg, "reference"), s_tok),
     }
     return methods, dict(teacher=teacher, student=student, ar=ar), s_tok, cfg, fast
 
@@ -311,15 +310,11 @@ def _finish(fig, ax, path, title):
 def run_sweep(cfg: D2FConfig, skips, adds, student, tokenizer, problems) -> list[dict]:
     """The student over the skip_threshold x block_add_threshold grid, the rest of ``cfg`` kept."""
     grid = [(skip, add) for skip in skips for add in adds]
-    methods = {f"skip={skip} add={add}": Method(_diffusion(student, _d2f_with(dataclasses.replace(
-        cfg, skip_threshold=skip, block_add_threshold=add))), tokenizer) for skip, add in grid}
+    methods = {f"skip={skip} add={add}": Method(_diffusion(student, dataclasses.replace(
+        cfg, skip_threshold=skip, block_add_threshold=add), "d2f"), tokenizer) for skip, add in grid}
     res = evaluate(methods, problems, "sweep")
     return [dict(skip_threshold=skip, block_add_threshold=add,
                  **{k: v for k, v in s.items() if k != "records"}) for (skip, add), s in zip(grid, res.values())]
-
-
-def _d2f_with(cfg: D2FConfig):
-    return lambda m, ids: d2f_decode(m, [ids], cfg)
 
 
 def train_smoke(folder: str) -> dict[str, str]:

@@ -85,8 +85,7 @@ def _run(a) -> dict:
     if not {"block_size", "max_new_tokens"} <= set(gc):
         raise ValueError(f"--student: {a.student}/generation_config.json must give block_size and "
                          "max_new_tokens, the student's training blocks and canvas (distill.py writes them)")
-    fields = {f.name for f in dataclasses.fields(D2FConfig)}
-    base = D2FConfig(**{k: v for k, v in gc.items() if k in fields})
+    base = D2FConfig.from_generation_config(gc)
     problems = validation_problems(a.after, a.problems, a.seed, a.level)
     student = load_model(a.student, device=a.device).eval()
     tok = AutoTokenizer.from_pretrained(a.student)

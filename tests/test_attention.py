@@ -272,3 +272,18 @@ def test_store_kv_bad_inputs(device, index, bad, match):
     args[index] = bad(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.d2f_ext.store_kv(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_padding_inside_a_row(device, dtype):
+    """The contract allows -1 anywhere in a row (a batch of rows with gaps): padding positions
+    are neither attended nor written, whatever surrounds them."""
+    dtype_ok(dtype, device)
+    args = make_inputs(3, 24, 8, 2, 64, 40, dtype, device, block_size=4, prompt_len=6, lens=[0, 17, 40], seed=3)
+    bid = args[6].cpu()
+    bid[0, 3:5] = -1   # inside the prompt block
+    bid[1, 10:14] = -1  # a whole block
+    bid[2, 7] = -1
+    bid[2, 20:22] = -1
+    args[6] = bid.to(device)
+    check_against_reference(args, 0.125)

@@ -123,7 +123,8 @@ def test_bad_prompts(model, bad, match):
     (dict(block_size=0), "block_size"), (dict(skip_threshold=1.5), "skip_threshold"),
     (dict(block_add_threshold=-0.1), "block_add_threshold"),
     (dict(decoded_token_threshold=2.0), "decoded_token_threshold"),
-    (dict(sampling_strategy="nope"), "sampling_strategy"), (dict(max_new_tokens=3, block_size=4), "max_new_tokens"),
+    (dict(sampling_strategy="nope"), "sampling_strategy"), (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
 ])
 def test_config_rejects_bad_values(kwargs, name):
@@ -147,13 +148,13 @@ def test_finished_rows_leave_the_batch(model, monkeypatch):
     cfg = CONFIGS[0]
     prompts = _prompts(model, 3, seed=21)
     batch_sizes = []
-    inner = model.forward_window
+    inner = model.window_hidden
 
     def spy(input_ids, *a, **kw):
         batch_sizes.append(input_ids.shape[0])
         return inner(input_ids, *a, **kw)
 
-    monkeypatch.setattr(model, "forward_window", spy)
+    monkeypatch.setattr(model, "window_hidden", spy)
     out = d2f_decode(model, prompts, cfg)
     assert len(batch_sizes) == int(out.forwards.max())
     for step, size in enumerate(batch_sizes):
@@ -203,17 +204,18 @@ def test_static_steps_run_fixed_shapes(model, monkeypatch):
     cfg = CONFIGS[0]
     prompts = _prompts(model, 3, seed=41)
     shapes = []
-    inner = model.forward_window
+    inner = model.window_hidden
 
     def spy(input_ids, *a, **kw):
         shapes.append(tuple(input_ids.shape))
         return inner(input_ids, *a, **kw)
 
-    monkeypatch.setattr(model, "forward_window", spy)
+    monkeypatch.setattr(model, "window_hidden", spy)
     out = d2f_decode(model, prompts, cfg, static=True, sync_every=4)
-    assert shapes[0] == (3, max(map(len, prompts)) + cfg.block_size)
+    rows = model.d2f_engine.config.max_batch  # every row of the engine, free ones included
+    assert rows >= 3 and shapes[0] == (rows, max(map(len, prompts)) + cfg.block_size)
     widths = [w for _, w in shapes[1:]]
-    assert all(b == 3 for b, _ in shapes) and all(w % cfg.block_size == 0 for w in widths)
+    assert all(b == rows for b, _ in shapes) and all(w % cfg.block_size == 0 for w in widths)
     for i in range(0, len(widths), 4):
         assert len(set(widths[i:i + 4])) == 1
     assert len(shapes) >= int(out.forwards.max())

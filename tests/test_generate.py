@@ -170,8 +170,9 @@ def test_streamer_with_non_streaming_decoders(model, decoder):
 
 def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, tiny_checkpoint):
     for argv, needle in [(["--model", str(tmp_path / "missing")], "does not exist"),
-                         (["--model", tiny_checkpoint("llada", seed=5), "--max-new-tokens", "8",
-                           "--block-size", "16"], "max_new_tokens")]:
+                         (["--model", tiny_checkpoint("llada", seed=5), "--max-new-tokens", "0"], "max_new_tokens"),
+                         (["--model", tiny_checkpoint("llada", seed=5), "--device", "nope"], "--device"),
+                         (["--model", tiny_checkpoint("llada", seed=5), "--device", "cuda:7"], "--device cuda:7")]:
         err = io.StringIO()
         with redirect_stderr(err), redirect_stdout(io.StringIO()):
             assert cli.main(argv) == 2

@@ -1,4 +1,5 @@
-"""pipeline_step and BlockPipeline against the spec's block-state machine (../D2F-SPEC.md)."""
+"""pipeline_step and BlockPipeline against the spec's block-state machine, with a generation
+budget of any length (the last block shorter when it does not divide)."""
 
 import random
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from d2f_ext import layout as L
 from d2f_ext import ops, reference
-from d2f_ext.pipeline import BlockPipeline, window_block_ids
+from d2f_ext.pipeline import BlockPipeline, init_rows, num_blocks_for, window_block_ids
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_C, reason="d2f_ext._C not built")
 
@@ -21,7 +22,7 @@ class SpecRow:
 
     def __init__(self, prompt_len, max_new_tokens, block_size, tau_add, tau_act):
         self.blocks = [dict(start=0, len=prompt_len, masked=0, state="to_cache", full=True)]
-        self.max_gen = max_new_tokens // block_size
+        self.end = prompt_len + max_new_tokens
         self.block_size, self.tau_add, self.tau_act = block_size, tau_add, tau_act
         self.eos = None
         self.cache_end = 0
@@ -36,9 +37,10 @@ class SpecRow:
     def plan(self):
         """Steps 1-4: returns False when the row is done."""
         newest = self.blocks[-1]
-        if len(self.blocks) - 1 < self.max_gen and self.eos is None and self.fraction(newest) >= self.tau_add:
-            self.blocks.append(dict(start=newest["start"] + newest["len"], len=self.block_size,
-                                    masked=self.block_size, state="active", full=False))
+        start = newest["start"] + newest["len"]
+        if start < self.end and self.eos is None and self.fraction(newest) >= self.tau_add:
+            size = min(self.block_size, self.end - start)
+            self.blocks.append(dict(start=start, len=size, masked=size, state="active", full=False))
         for i in range(len(self.blocks) - 1):
             if self.fraction(self.blocks[i]) >= self.tau_act:
                 self.blocks[i + 1]["full"] = True
@@ -162,14 +164,15 @@ def drive(device, prompt_lens, max_new_tokens, block_size, tau_add, tau_act, see
           with_reference=True):
     """Runs the op, the reference and the spec model side by side until every row finishes."""
     rng = random.Random(seed)
-    pipe = torch.classes.d2f_ext.BlockPipeline(
-        torch.tensor(prompt_lens, dtype=torch.int32, device=device), max_new_tokens, block_size, tau_add, tau_act)
-    NB = pipe.num_blocks_max()
-    assert NB == 1 + max_new_tokens // block_size
+    pipe = BlockPipeline(torch.tensor(prompt_lens, dtype=torch.int32, device=device), max_new_tokens,
+                         block_size, tau_add, tau_act)
+    NB = pipe.num_blocks_max
+    assert NB == 1 + -(-max_new_tokens // block_size)
     models = [SpecRow(p, max_new_tokens, block_size, tau_add, tau_act) for p in prompt_lens]
     ref_rows = torch.zeros(len(prompt_lens), L.NUM_ROW_FIELDS, dtype=torch.int32)
     ref_rows[:, L.NUM_BLOCKS], ref_rows[:, L.EOS_BLOCK] = 1, -1
     ref_rows[:, L.PROMPT_LEN] = torch.tensor(prompt_lens)
+    ref_rows[:, L.GEN_LEN] = max_new_tokens
     ref_blocks = torch.zeros(len(prompt_lens), L.NUM_BLOCK_FIELDS, NB, dtype=torch.int32)
     ref_blocks[:, L.LEN, 0] = torch.tensor(prompt_lens)
     ref_blocks[:, L.STATE, 0], ref_blocks[:, L.FULL, 0] = L.TO_CACHE, 1
@@ -180,7 +183,7 @@ def drive(device, prompt_lens, max_new_tokens, block_size, tau_add, tau_act, see
         m.plan()
     budget = max_new_tokens + 2  # every forward decodes a token
     for _ in range(budget):
-        rows, blocks = pipe.rows().cpu().clone(), pipe.blocks().cpu().clone()
+        rows, blocks = pipe.rows.cpu().clone(), pipe.blocks.cpu().clone()
         for b, m in enumerate(models):
             m.assert_matches(rows[b], blocks[b])
         if with_reference:
@@ -195,7 +198,7 @@ def drive(device, prompt_lens, max_new_tokens, block_size, tau_add, tau_act, see
         pipe.step(counts.to(device), eos.to(device))
         if with_reference:
             reference.pipeline_step(ref_rows, ref_blocks, counts, eos, block_size, tau_add, tau_act)
-        after_rows, after_blocks = pipe.rows().cpu(), pipe.blocks().cpu()
+        after_rows, after_blocks = pipe.rows.cpu(), pipe.blocks.cpu()
         for b, m in enumerate(models):
             m.observe(counts[b].tolist(), int(eos[b]))
             if not m.finished:
@@ -270,7 +273,7 @@ def test_fraction_compared_in_double():
     # 1 of 3 decoded is 0.333... in double; a float32 threshold rounding would flip this.
     thr = 1.0 / 3.0
     for run in (ops.pipeline_step, reference.pipeline_step):
-        rows = torch.tensor([[2, -1, 0, 1, 1, 3, 0, 1, 1]], dtype=torch.int32)
+        rows = torch.tensor([[2, -1, 0, 1, 1, 3, 0, 1, 1, 6]], dtype=torch.int32)
         blocks = torch.zeros(1, 5, 3, dtype=torch.int32)
         blocks[0, :, 0] = torch.tensor([0, 1, 0, L.IN_CACHE, 1])
         blocks[0, :, 1] = torch.tensor([1, 3, 3, L.ACTIVE, 1])
@@ -280,15 +283,14 @@ def test_fraction_compared_in_double():
 
 
 def _args(device, B=2, NB=3):
-    pipe = torch.classes.d2f_ext.BlockPipeline(
-        torch.full((B,), 4, dtype=torch.int32, device=device), (NB - 1) * 2, 2, 0.1, 0.9)
-    return [pipe.rows().clone(), pipe.blocks().clone(), torch.zeros(B, NB, dtype=torch.int32, device=device),
+    pipe = BlockPipeline(torch.full((B,), 4, dtype=torch.int32, device=device), (NB - 1) * 2, 2, 0.1, 0.9)
+    return [pipe.rows.clone(), pipe.blocks.clone(), torch.zeros(B, NB, dtype=torch.int32, device=device),
             torch.full((B,), -1, dtype=torch.int32, device=device), 2, 0.1, 0.9]
 
 
 @pytest.mark.parametrize("index,bad,match", [
     (0, lambda a: a[0].long(), "rows must be int32"),
-    (0, lambda a: a[0][:, :8].contiguous(), r"rows must be \[B, 9\]"),
+    (0, lambda a: a[0][:, :8].contiguous(), r"rows must be \[B, 10\]"),
     (0, lambda a: a[0][None], "rows must be 2-D"),
     (0, lambda a: a[0].T.contiguous().T, "rows must be contiguous"),
     (1, lambda a: a[1].float(), "blocks must be int32"),
@@ -327,23 +329,45 @@ def test_bad_device(index):
         torch.ops.d2f_ext.pipeline_step(*args)
 
 
-@pytest.mark.parametrize("py", [False, True])
 @pytest.mark.parametrize("kwargs,match", [
     (dict(prompt_lens=torch.tensor([3, 0], dtype=torch.int32)), "prompt_lens must all be >= 1"),
     (dict(prompt_lens=torch.tensor([3, 2])), "prompt_lens must be int32"),
     (dict(prompt_lens=torch.tensor([[3]], dtype=torch.int32)), "prompt_lens must be int32"),
-    (dict(block_size=0), "block_size must be > 0"),
-    (dict(max_new_tokens=3), "max_new_tokens must be >= block_size"),
+    (dict(block_size=0), "block_size must be a positive integer"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(block_add_threshold=1.2), "block_add_threshold must be in"),
     (dict(decoded_token_threshold=-0.5), "decoded_token_threshold must be in"),
 ])
-def test_bad_pipeline(monkeypatch, py, kwargs, match):
+def test_bad_pipeline(kwargs, match):
     args = dict(prompt_lens=torch.tensor([3, 2], dtype=torch.int32), max_new_tokens=8, block_size=4,
                 block_add_threshold=0.1, decoded_token_threshold=0.9)
     args.update(kwargs)
-    monkeypatch.setattr(ops, "HAVE_C", not py)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(ValueError, match=match):
         BlockPipeline(**args)
+
+
+def test_partial_last_block_and_per_row_budgets(device):
+    """Rows of one batch with budgets of 5 and 11 at block size 4: blocks 4+1 and 4+4+3."""
+    rows = torch.empty(2, L.NUM_ROW_FIELDS, dtype=torch.int32, device=device)
+    blocks = torch.empty(2, L.NUM_BLOCK_FIELDS, num_blocks_for(11, 4), dtype=torch.int32, device=device)
+    init_rows(rows, blocks, torch.tensor([2, 3], dtype=torch.int32, device=device),
+              torch.tensor([5, 11], dtype=torch.int32, device=device), 4, 0.0, 0.0)
+    eos = torch.full((2,), -1, dtype=torch.int32, device=device)
+    while not bool(rows[:, L.FINISHED].all()):  # decode one token per active block each step
+        counts = (blocks[:, L.MASKED] > 0).to(torch.int32) * (blocks[:, L.STATE] == L.ACTIVE).to(torch.int32)
+        ops.pipeline_step(rows, blocks, counts, eos, 4, 0.0, 0.0)
+    b = blocks.cpu()
+    assert b[0, L.LEN, :3].tolist() == [2, 4, 1] and int(rows[0, L.NUM_BLOCKS]) == 3
+    assert b[1, L.LEN, :4].tolist() == [3, 4, 4, 3] and int(rows[1, L.NUM_BLOCKS]) == 4
+    assert (b[:, L.MASKED] == 0).all()
+
+
+def test_init_rows_refuses_budget_past_blocks():
+    rows = torch.empty(1, L.NUM_ROW_FIELDS, dtype=torch.int32)
+    blocks = torch.empty(1, L.NUM_BLOCK_FIELDS, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="needs 3"):
+        init_rows(rows, blocks, torch.tensor([2], dtype=torch.int32), torch.tensor([9], dtype=torch.int32),
+                  4, 0.1, 0.9)
 
 
 def test_empty_batch(device):

@@ -116,7 +116,8 @@ D2F_HOST_DEVICE inline double noise_uniform(uint32_t key, uint32_t v) {
 // Per row: rows[b, RowField]; per block: blocks[b, BlockField, NB] (field-major, so that one
 // field of all blocks, e.g. kFull, is a contiguous [NB] vector the unmask kernel reads).
 // Row coordinates are compact: block 0 is the row's real prompt (no padding) at [0, prompt_len),
-// generation block k >= 1 starts at prompt_len + (k - 1) * block_size.
+// generation block k >= 1 starts at prompt_len + (k - 1) * block_size; the last one is shorter
+// when kGenLen is not a multiple of the block size.
 enum RowField : int32_t {
   kNumBlocks = 0,   // blocks that exist, the prompt included
   kEosBlock = 1,    // lowest block holding a decoded EOS, -1 if none
@@ -127,7 +128,8 @@ enum RowField : int32_t {
   kCommitLen = 6,   // planned forward: positions from kWinStart whose K/V it stores
   kForwards = 7,    // forwards planned so far
   kPromptLen = 8,
-  kNumRowFields = 9
+  kGenLen = 9,      // the row's generation budget (its max_new_tokens), set by the caller
+  kNumRowFields = 10
 };
 enum BlockField : int32_t {
   kStart = 0,
@@ -141,7 +143,7 @@ enum BlockState : int32_t { kActive = 0, kToCache = 1, kInCache = 2 };
 
 struct PipelineParams {
   int32_t* rows;    // [B, kNumRowFields] contiguous
-  int32_t* blocks;  // [B, kNumBlockFields, NB] contiguous; NB = 1 + max generation blocks
+  int32_t* blocks;  // [B, kNumBlockFields, NB] contiguous; NB >= 1 + the row's generation blocks
   const int32_t* counts;     // [B, NB]: decoded by the last forward (all zero before the first)
   const int32_t* eos_block;  // [B]: from the last unmask, -1 if none
   int batch, num_blocks, block_size;

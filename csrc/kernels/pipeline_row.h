@@ -27,7 +27,7 @@ D2F_HOST_DEVICE inline void pipeline_row(int32_t* row, int32_t* blocks, const in
   int32_t* full = blocks + kFull * num_blocks;
 
   int n = row[kNumBlocks];
-  if (n < 1 || n > num_blocks) {  // not a state BlockPipeline makes: never index past the blocks
+  if (n < 1 || n > num_blocks) {  // not a state init_rows makes: never index past the blocks
     row[kFinished] = 1;
     row[kWinLen] = 0;
     row[kCommitLen] = 0;
@@ -44,11 +44,15 @@ D2F_HOST_DEVICE inline void pipeline_row(int32_t* row, int32_t* blocks, const in
     earlier_active = earlier_active || state[i] == kActive;
   }
 
-  // 1. add
-  if (n < num_blocks && row[kEosBlock] < 0 && decoded_at_least(len, masked, n - 1, add_threshold)) {
-    start[n] = start[n - 1] + len[n - 1];
-    len[n] = block_size;
-    masked[n] = block_size;
+  // 1. add; the budget, not NB, bounds a row, so rows of one batch may differ in max_new_tokens
+  const int32_t next_start = start[n - 1] + len[n - 1];
+  const int32_t budget_left = row[kPromptLen] + row[kGenLen] - next_start;
+  if (n < num_blocks && budget_left > 0 && row[kEosBlock] < 0 &&
+      decoded_at_least(len, masked, n - 1, add_threshold)) {
+    const int32_t block_len = budget_left < block_size ? budget_left : block_size;
+    start[n] = next_start;
+    len[n] = block_len;
+    masked[n] = block_len;
     state[n] = kActive;
     full[n] = 0;
     row[kNumBlocks] = ++n;

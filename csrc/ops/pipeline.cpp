@@ -1,6 +1,5 @@
-// torch op `d2f_ext::pipeline_step` and the host class `torch.classes.d2f_ext.BlockPipeline`
-// that owns one batch's pipeline state tensors (layout: csrc/kernels/params.h).
-#include <torch/custom_class.h>
+// torch op `d2f_ext::pipeline_step` over one batch's pipeline state tensors (layout:
+// csrc/kernels/params.h; d2f_ext.pipeline.init_rows makes a row's initial state).
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -26,7 +25,7 @@ void check_threshold(double v, const char* name) {
   TORCH_CHECK(v >= 0.0 && v <= 1.0, "pipeline_step: ", name, " must be in [0, 1], got ", v);
 }
 
-// The state must be one BlockPipeline made; on the CPU that is cheap to verify, and a bad one
+// The state must be one init_rows made and pipeline_step advanced; on the CPU that is cheap to verify, and a bad one
 // (e.g. counts larger than the masks left) would otherwise corrupt the row silently.
 void check_state_cpu(const at::Tensor& rows, const at::Tensor& blocks, const at::Tensor& counts) {
   const int64_t B = rows.size(0), NB = blocks.size(2);
@@ -53,7 +52,7 @@ void check_state_cpu(const at::Tensor& rows, const at::Tensor& blocks, const at:
 void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::Tensor& counts,
                    const at::Tensor& eos_block, int64_t block_size, double add_threshold,
                    double activate_threshold) {
-  check_int32(rows, "rows", "[B, 9]", 2);
+  check_int32(rows, "rows", "[B, NUM_ROW_FIELDS]", 2);
   check_int32(blocks, "blocks", "[B, 5, NB]", 3);
   check_int32(counts, "counts", "[B, NB]", 2);
   check_int32(eos_block, "eos_block", "[B]", 1);
@@ -107,55 +106,6 @@ void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::T
 #endif
 }
 
-// Owns rows/blocks of one batch on prompt_lens' device. Block 0 is each row's prompt, already
-// decoded and to_cache; the constructor runs the first step so the first window (prompt + block 1)
-// is planned when it returns.
-class BlockPipeline : public torch::CustomClassHolder {
- public:
-  BlockPipeline(const at::Tensor& prompt_lens, int64_t max_new_tokens, int64_t block_size,
-                double add_threshold, double activate_threshold)
-      : block_size_(block_size), add_threshold_(add_threshold), activate_threshold_(activate_threshold) {
-    TORCH_CHECK(prompt_lens.dim() == 1 && prompt_lens.scalar_type() == at::kInt,
-                "BlockPipeline: prompt_lens must be int32 [B], got ", prompt_lens.scalar_type(), " ",
-                prompt_lens.sizes());
-    TORCH_CHECK(block_size > 0, "BlockPipeline: block_size must be > 0, got ", block_size);
-    TORCH_CHECK(max_new_tokens >= block_size, "BlockPipeline: max_new_tokens must be >= block_size = ",
-                block_size, ", got ", max_new_tokens);
-    TORCH_CHECK(add_threshold >= 0.0 && add_threshold <= 1.0,
-                "BlockPipeline: block_add_threshold must be in [0, 1], got ", add_threshold);
-    TORCH_CHECK(activate_threshold >= 0.0 && activate_threshold <= 1.0,
-                "BlockPipeline: decoded_token_threshold must be in [0, 1], got ", activate_threshold);
-    const int64_t B = prompt_lens.size(0);
-    TORCH_CHECK(B == 0 || prompt_lens.min().item<int32_t>() >= 1,
-                "BlockPipeline: prompt_lens must all be >= 1");
-    const int64_t NB = 1 + max_new_tokens / block_size;
-    const auto opts = prompt_lens.options();
-    rows_ = at::zeros({B, d2f::kNumRowFields}, opts);
-    rows_.select(1, d2f::kNumBlocks).fill_(1);
-    rows_.select(1, d2f::kEosBlock).fill_(-1);
-    rows_.select(1, d2f::kPromptLen).copy_(prompt_lens);
-    blocks_ = at::zeros({B, d2f::kNumBlockFields, NB}, opts);
-    blocks_.select(1, d2f::kLen).select(1, 0).copy_(prompt_lens);
-    blocks_.select(1, d2f::kState).select(1, 0).fill_(d2f::kToCache);
-    blocks_.select(1, d2f::kFull).select(1, 0).fill_(1);
-    step(at::zeros({B, NB}, opts), at::full({B}, -1, opts));
-  }
-
-  void step(const at::Tensor& counts, const at::Tensor& eos_block) {
-    pipeline_step(rows_, blocks_, counts, eos_block, block_size_, add_threshold_, activate_threshold_);
-  }
-  // Live views of the state: the next step() updates them in place.
-  at::Tensor rows() const { return rows_; }
-  at::Tensor blocks() const { return blocks_; }
-  bool finished() const { return rows_.select(1, d2f::kFinished).all().item<bool>(); }
-  int64_t num_blocks_max() const { return blocks_.size(2); }
-
- private:
-  at::Tensor rows_, blocks_;
-  int64_t block_size_;
-  double add_threshold_, activate_threshold_;
-};
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(d2f_ext, CPU, m) { m.impl("pipeline_step", &pipeline_step); }
@@ -163,13 +113,3 @@ TORCH_LIBRARY_IMPL(d2f_ext, CPU, m) { m.impl("pipeline_step", &pipeline_step); }
 #if defined(D2F_WITH_CUDA)
 TORCH_LIBRARY_IMPL(d2f_ext, CUDA, m) { m.impl("pipeline_step", &pipeline_step); }
 #endif
-
-TORCH_LIBRARY_FRAGMENT(d2f_ext, m) {
-  m.class_<BlockPipeline>("BlockPipeline")
-      .def(torch::init<at::Tensor, int64_t, int64_t, double, double>())
-      .def("step", &BlockPipeline::step)
-      .def("rows", &BlockPipeline::rows)
-      .def("blocks", &BlockPipeline::blocks)
-      .def("finished", &BlockPipeline::finished)
-      .def("num_blocks_max", &BlockPipeline::num_blocks_max);
-}

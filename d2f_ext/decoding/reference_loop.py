@@ -41,7 +41,7 @@ def reference_decode(model, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *,
     eos = mc.eos_token_id if eos_id is None else eos_id
     prompts = check_prompts(prompts, mc.mask_token_id, mc.vocab_size, mc.max_position_embeddings,
                             cfg.max_new_tokens)
-    gen_len = cfg.max_blocks * cfg.block_size
+    gen_len = cfg.gen_len
     generated, forwards = [], []
     for p in prompts:
         g, f = _decode_row(model, p, cfg, eos)
@@ -56,7 +56,7 @@ def _decode_row(model, prompt: list[int], cfg: D2FConfig, eos: int | None):
     bs, mask = cfg.block_size, mc.mask_token_id
     seq = list(prompt)
     blocks = [dict(start=0, len=len(prompt), masked=0, state="to_cache", full=True)]
-    cache = KVCache.for_model(model, 1, len(prompt) + cfg.max_blocks * bs)
+    cache = KVCache.for_model(model, 1, len(prompt) + cfg.gen_len)
     cache_len, prev_logits, eos_seen, forwards = 0, None, False, 0
     conf_kind = L.CONFIDENCES[cfg.sampling_strategy]
 
@@ -65,9 +65,11 @@ def _decode_row(model, prompt: list[int], cfg: D2FConfig, eos: int | None):
 
     while True:
         # 1. add
-        if len(blocks) - 1 < cfg.max_blocks and not eos_seen and fraction(blocks[-1]) >= cfg.block_add_threshold:
-            blocks.append(dict(start=len(seq), len=bs, masked=bs, state="active", full=False))
-            seq += [mask] * bs
+        left = len(prompt) + cfg.gen_len - len(seq)
+        if left > 0 and not eos_seen and fraction(blocks[-1]) >= cfg.block_add_threshold:
+            size = min(bs, left)
+            blocks.append(dict(start=len(seq), len=size, masked=size, state="active", full=False))
+            seq += [mask] * size
         # 2. activate
         for i in range(len(blocks) - 1):
             if fraction(blocks[i]) >= cfg.decoded_token_threshold:

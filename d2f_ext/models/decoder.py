@@ -49,9 +49,6 @@ class DiffusionLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embedding()
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_logits(self.final_norm()(x))
-
     def forward(self, input_ids: torch.Tensor, block_ids: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-sequence logits [B, L, V] (raw: before Dream's shift), differentiable.
@@ -72,14 +69,29 @@ class DiffusionLM(nn.Module):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             x = layer.finish(x, o.transpose(1, 2))
-        return self._head(x)
+        return self.head(x)
 
     @torch.no_grad()
     def forward_window(self, input_ids: torch.Tensor, positions: torch.Tensor, block_ids: torch.Tensor,
                        cache: KVCache, cache_lens: torch.Tensor, commit_len: torch.Tensor,
                        cache_rows: Optional[torch.Tensor] = None,
                        attn: Optional[ModuleType] = None) -> torch.Tensor:
-        """Logits [B, W, V] of a window over the KV cache (raw: before Dream's shift).
+        """Logits [B, W, V] of a window over the KV cache (raw: before Dream's shift); see
+        :meth:`window_hidden`, whose every position this runs the output head on."""
+        return self.head(self.window_hidden(input_ids, positions, block_ids, cache, cache_lens, commit_len,
+                                            cache_rows, attn))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (any leading shape): the final norm and the output head."""
+        return self.output_logits(self.final_norm()(hidden))
+
+    @torch.no_grad()
+    def window_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, block_ids: torch.Tensor,
+                      cache: KVCache, cache_lens: torch.Tensor, commit_len: torch.Tensor,
+                      cache_rows: Optional[torch.Tensor] = None,
+                      attn: Optional[ModuleType] = None) -> torch.Tensor:
+        """Final hidden states [B, W, hidden] of a window over the KV cache, before the output
+        head (:meth:`head`), so a decoder can run the head on the positions it reads only.
 
         input_ids, positions: int64 [B, W]; block_ids: int32 [B, W] (-1 = padding). Each window
         token sees every cached position of its row plus the window tokens of its own or an
@@ -101,4 +113,4 @@ class DiffusionLM(nn.Module):
                                scale=self.scale)
             attn.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, commit_len, cache_rows)
             x = layer.finish(x, o)
-        return self._head(x)
+        return x
