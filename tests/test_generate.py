@@ -8,6 +8,8 @@ import torch
 from transformers import GenerationConfig, TextStreamer
 
 from d2f_ext import AutoD2FModel, cli
+from d2f_ext.engine import Engine
+from d2f_ext.models import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +179,81 @@ def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, tiny_checkpoint):
         with redirect_stderr(err), redirect_stdout(io.StringIO()):
             assert cli.main(argv) == 2
         assert "d2f-generate: error:" in err.getvalue() and needle in err.getvalue()
+
+
+# --- generate on the model's engine ----------------------------------------------------------
+
+def test_second_generate_of_the_same_shapes_builds_nothing(model, monkeypatch):
+    enc = _encode(model, ["the cat sat", "two plus two"])
+    first = model.generate(**enc, max_new_tokens=16, **KW)
+    engine = model.d2f_engine
+    built = []
+    monkeypatch.setattr(Engine, "__init__", lambda *a, **k: built.append("engine"))
+    inner = KVCache.__init__
+    monkeypatch.setattr(KVCache, "__init__", lambda self, *a, **k: (built.append("cache"), inner(self, *a, **k)))
+    cache_ptr = engine.cache.k.data_ptr()
+    again = model.generate(**enc, max_new_tokens=16, **KW)
+    assert built == [] and model.d2f_engine is engine and engine.cache.k.data_ptr() == cache_ptr
+    assert torch.equal(first, again) and engine.graph_captures == 0
+
+
+def test_stop_strings_end_the_row(model):
+    tok = model.tokenizer
+    enc = _encode(model, ["the cat sat on the"])
+    full = model.generate(**enc, max_new_tokens=24, return_dict_in_generate=True, **KW)
+    width = enc["input_ids"].shape[1]
+    text = tok.decode(full.sequences[0, width:], skip_special_tokens=True)
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[1]
+    cut = model.generate(**enc, max_new_tokens=24, stop_strings=[stop], return_dict_in_generate=True, **KW)
+    got = tok.decode(cut.sequences[0, width:], skip_special_tokens=True)
+    assert stop in got and text.startswith(got.rstrip())
+    # The tokens end with the one that completes the stop string: one fewer has no stop string.
+    n = int(cut.new_tokens[0])
+    assert stop not in tok.decode(cut.sequences[0, width:width + n - 1], skip_special_tokens=True)
+    assert int(cut.forwards[0]) <= int(full.forwards[0])
+
+
+def test_max_new_tokens_below_the_block_size_decodes_one_short_block(model):
+    enc = _encode(model, ["one two three"])
+    out = model.generate(**enc, max_new_tokens=3, return_dict_in_generate=True, **KW)
+    assert int(out.new_tokens[0]) <= 3 and out.sequences.shape[1] <= enc["input_ids"].shape[1] + 4
+    ref = model.generate(**enc, max_new_tokens=3, decoder="reference", **KW)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_max_length_counts_the_prompt(model):
+    enc = _encode(model, ["one two three"])
+    width = enc["input_ids"].shape[1]
+    by_length = model.generate(**enc, max_length=width + 8, **KW)
+    assert torch.equal(by_length, model.generate(**enc, max_new_tokens=8, **KW))
+    with pytest.raises(ValueError, match="max_length"):
+        model.generate(**enc, max_length=width, **KW)
+
+
+def test_passed_generation_config_keeps_the_checkpoint_fields_it_does_not_set(model, monkeypatch):
+    enc = _encode(model, ["the dog"])
+    saved = GenerationConfig(block_size=4, block_add_threshold=0.25, decoded_token_threshold=0.9,
+                             skip_threshold=0.5, max_new_tokens=12)
+    monkeypatch.setattr(model, "generation_config", saved)
+    merged = model.generate(**enc, generation_config=GenerationConfig(skip_threshold=0.3))
+    explicit = model.generate(**enc, max_new_tokens=12, **{**KW, "skip_threshold": 0.3})
+    assert torch.equal(merged, explicit)
+
+
+def test_input_ids_must_be_integers(model):
+    with pytest.raises(TypeError, match="input_ids"):
+        model.generate(torch.ones(1, 3), max_new_tokens=4, **KW)
+
+
+def test_tokens_per_forward_does_not_count_the_eos(model):
+    """A row that ends in EOS: new_tokens and tokens_per_forward count the tokens before it."""
+    enc = _encode(model, ["the cat"])
+    width = enc["input_ids"].shape[1]
+    free = model.generate(**enc, max_new_tokens=16, **KW)[0, width:].tolist()
+    k = next(k for k in range(2, len(free)) if free[k] not in free[:k])
+    out = model.generate(**enc, max_new_tokens=16, eos_token_id=free[k], return_dict_in_generate=True, **KW)
+    row, n = out.sequences[0, width:].tolist(), int(out.new_tokens[0])
+    assert n >= 2 and row[n] == free[k] and free[k] not in row[:n]
+    assert float(out.tokens_per_forward[0]) == pytest.approx(n / int(out.forwards[0]))
