@@ -62,13 +62,15 @@ def _settings(model, generation_config, max_new_tokens, kwargs):
 def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              max_new_tokens: Optional[int] = None, generation_config=None, streamer=None, *,
              decoder: str = "d2f", return_dict_in_generate: bool = False, steps: Optional[int] = None,
-             **kwargs):
+             stop_strings=None, tokenizer=None, **kwargs):
     """Generate with D2F (``decoder="d2f"``), Fast-dLLM mode (``"fast-dllm"``: one block at a
     time), vanilla decoding (``"vanilla"``, ``steps`` per generation) or the plain-PyTorch
     reference loop (``"reference"``). D2F parameters (block_size, block_add_threshold,
     decoded_token_threshold, skip_threshold, sampling_strategy, temperature, top_k, top_p, seed)
     come as keyword arguments or attributes of ``generation_config`` (default: the model's
-    ``generation_config``, which AutoD2FModel reads from the checkpoint's generation_config.json)."""
+    ``generation_config``, which AutoD2FModel reads from the checkpoint's generation_config.json).
+    ``stop_strings`` (with the ``tokenizer`` that decodes the rows, as in transformers) ends each row
+    after the first stop string it writes."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if not isinstance(input_ids, torch.Tensor):
@@ -78,6 +80,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         generation_config = getattr(model, "generation_config", None)
     return_dict_in_generate |= bool(getattr(generation_config, "return_dict_in_generate", False))
     s, eos, pad = _settings(model, generation_config, max_new_tokens, kwargs)
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= to decode the generated tokens, as in transformers")
     s = {k: v for k, v in s.items() if k in _D2F_FIELDS}
     if streamer is not None and len(prompts) != 1:
         raise ValueError("streamer supports batch size 1 only, as in transformers")
@@ -98,6 +104,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     rows = out.tokens_before_eos(eos)
     hit = [len(r) < out.generated.shape[1] and int(out.generated[i, len(r)]) == eos
            if eos is not None else False for i, r in enumerate(rows)]
+    if stop_strings:
+        cut = [_through_stop(r, stop_strings, tokenizer) for r in rows]
+        hit = [h and len(c) == len(r) for h, c, r in zip(hit, cut, rows)]
+        rows = cut
     new_rows = [r + ([eos] if h else []) for r, h in zip(rows, hit)]
     width = max(len(r) for r in new_rows)
     new = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -112,6 +122,22 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     return D2FGenerateOutput(sequences=sequences, forwards=out.forwards.cpu(),
                              tokens_per_forward=n_new / out.forwards.cpu().clamp(min=1),
                              new_tokens=n_new)
+
+
+def _through_stop(row: list[int], stop_strings, tokenizer) -> list[int]:
+    """The shortest prefix of ``row`` whose text contains a stop string (all of it if none does).
+    Whether a prefix's text contains one only grows with its length, hence the bisection."""
+    def stops(n):
+        text = tokenizer.decode(row[:n])
+        return any(s and s in text for s in stop_strings)
+
+    if not stops(len(row)):
+        return row
+    lo, hi = 1, len(row)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if stops(mid) else (mid + 1, hi)
+    return row[:lo]
 
 
 class _StreamFeed:

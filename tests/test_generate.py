@@ -115,6 +115,31 @@ def test_other_decoders(model, decoder):
         assert torch.equal(d2f, out.sequences)
 
 
+def test_stop_strings_end_each_row_after_the_first_stop_string(model):
+    enc = _encode(model, ["what is two plus three ?", "the cat"])
+    width = enc["input_ids"].shape[1]
+    tok = model.tokenizer
+    full = model.generate(**enc, max_new_tokens=16, return_dict_in_generate=True, **KW)
+    rows = [full.sequences[i, width:width + int(full.new_tokens[i])].tolist() for i in range(2)]
+    # A word some row writes after its first token, before its end: cutting there shortens it.
+    stop = next(tok.decode([t]).strip() for r in rows for t in r[1:-1] if t != r[0] and tok.decode([t]).strip())
+    out = model.generate(**enc, max_new_tokens=16, return_dict_in_generate=True, stop_strings=[stop],
+                         tokenizer=tok, **KW)
+    cut = 0
+    for i, row in enumerate(rows):
+        # The shortest prefix whose text holds the stop string, found by trying every length.
+        want = next((row[:n] for n in range(1, len(row) + 1) if stop in tok.decode(row[:n])), row)
+        assert int(out.new_tokens[i]) == len(want)
+        got = out.sequences[i, width:].tolist()
+        assert got[:len(want)] == want
+        if len(want) < len(row):  # cut: padding follows, no EOS
+            cut += 1
+            assert all(t == model.config.pad_token_id for t in got[len(want):])
+    assert cut >= 1
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(**enc, max_new_tokens=16, stop_strings=[stop], **KW)
+
+
 def test_bad_arguments(model):
     enc = _encode(model, ["the bird"])
     with pytest.raises(TypeError, match="nonsense"):
