@@ -162,6 +162,8 @@ def test_bad_model_args_are_one_line_before_any_model_work(tmp_path, no_model_lo
     _fails(f"pretrained={SHIPPED},decoder=beam", "decoder")
     _fails(f"pretrained={SHIPPED},block_size=128", "max_new_tokens")  # the shipped 64 < one block
     _fails("block_size=16", "pretrained")
+    bare = write_tiny_checkpoint(str(tmp_path / "bare"), tokenizer=False)
+    _fails(f"pretrained={bare}", "no tokenizer files")
 
 
 def test_adapter_for_another_base_model_says_what_differs(tmp_path, no_model_load):
@@ -179,21 +181,46 @@ def test_adapter_for_another_base_model_says_what_differs(tmp_path, no_model_loa
     _fails(f"pretrained={SHIPPED},adapter={tmp_path / 'a_dream'}", "model type differs")
 
 
+def _local_task(folder: pathlib.Path, name: str, *replacements: tuple[str, str]) -> None:
+    """A variant of d2f_math in ``folder``: its data by absolute path, the given text replaced."""
+    yaml = open(os.path.join(TASKS_DIR, "d2f_math", "d2f_math.yaml")).read()
+    data = os.path.join(TASKS_DIR, "d2f_math", "d2f_math_test.jsonl")
+    yaml = yaml.replace("task: d2f_math", f"task: {name}").replace(
+        "custom_dataset: !function d2f_math_data.load", f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(data)}")
+    for old, new in replacements:
+        assert old in yaml
+        yaml = yaml.replace(old, new)
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml)
+
+
 def test_loglikelihood_task_is_refused_with_the_alternative(tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    data = os.path.join(TASKS_DIR, "d2f_math", "d2f_math_test.jsonl")
-    (tmp_path / "ll.yaml").write_text(
-        "task: d2f_math_loglikelihood\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(data)}\n"
-        "output_type: loglikelihood\ntest_split: test\n"
-        'doc_to_text: "Question: {{question}} Answer:"\ndoc_to_target: " {{solution}}"\n'
-        "metric_list:\n  - metric: perplexity\n")
+    _local_task(tmp_path, "d2f_math_loglikelihood", ("output_type: generate_until", "output_type: loglikelihood"),
+                ('doc_to_target: "{{answer}}"', 'doc_to_target: " {{solution}}"'))
     lm = D2FLM(pretrained=SHIPPED)
     with pytest.raises(ValueError, match=r"D2F is a generation method.*generate_until tasks, e\.g\. gsm8k"):
         simple_evaluate(model=lm, tasks=["d2f_math_loglikelihood"], limit=2,
                         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+
+
+def test_apply_chat_template_run_scores_as_bench_e2e(tmp_path, bench_scores):
+    """d2f_math with the bare question as the document: --apply_chat_template's rendering through
+    the shipped tokenizer's template gives bench_e2e's prompts, hence its score."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path / "chat"
+    _local_task(folder, "d2f_math_chat", ('doc_to_text: "Question: {{question}} Answer:"', 'doc_to_text: "{{question}}"'))
+    out = simple_evaluate(model=D2FLM(pretrained=SHIPPED), tasks=["d2f_math_chat"], limit=PROBLEMS,
+                          apply_chat_template=True, log_samples=True,
+                          task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    problems = task_math.problems("test", PROBLEMS, seed=0, level="small")
+    prompts = [s["arguments"][0][0] for s in sorted(out["samples"]["d2f_math_chat"], key=lambda s: s["doc_id"])]
+    assert prompts == [task_math.format_prompt(p.question) for p in problems]
+    assert out["results"]["d2f_math_chat"]["exact_match,answer"] == pytest.approx(bench_scores["accuracy"])
 
 
 def test_chat_template_is_the_tokenizers():
@@ -257,3 +284,14 @@ def test_preset_fills_what_the_command_line_leaves_out():
     assert mine.count("--tasks") == 1 and mine.count("--num_fewshot") == 1
     with pytest.raises(ValueError, match="unknown preset"):
         cli.apply_preset([], "llada-hellaswag")
+
+
+def test_preset_without_checkpoint_names_what_to_download():
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        assert cli.main(["--preset", "dream-humaneval"]) == 2
+    assert "Dream-org/Dream-v0-Base-7B" in err.getvalue() and "D2F_Dream_Base_7B_Lora" in err.getvalue()
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["--list-presets"]) == 0
+    assert out.getvalue().strip() == table()

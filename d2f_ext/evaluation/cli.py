@@ -119,6 +119,12 @@ def _run(argv: list[str]) -> int:
     if argv[0] == "run" and not _has(argv, "--model") and not _has(argv, "-M"):
         argv[1:1] = ["--model", "d2f"]
     args = cli._parser.parse_args(argv)
+    if preset is not None and "pretrained" not in (args.model_args or {}):
+        from .presets import PRESETS
+
+        p = PRESETS[preset]
+        raise ValueError(f"--preset {preset} needs the checkpoints: download {p['base_model']} and {p['adapter']}, "
+                         "then pass --model_args pretrained=<base folder>,adapter=<adapter folder>")
     # The package's tasks are found by name, as lm-eval's own; a user's --include_path still applies.
     args.include_path = [TASKS_DIR] + ([args.include_path] if args.include_path else [])
     if args.command == "run" and args.model == "d2f":

@@ -100,6 +100,9 @@ def check_model_args(args: dict) -> dict:
         a["add_bos_token"] = _flag("add_bos_token", a["add_bos_token"])
     folder = str(a["pretrained"])
     config = ModelConfig.from_file(folder)
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"d2f model_args: pretrained folder {folder} has no tokenizer files (tokenizer.json); "
+                         "lm-eval's tasks are text")
     try:
         decoding_settings(folder, a)
     except ValueError as e:
@@ -146,8 +149,6 @@ class D2FLM(LM):
         self.model = AutoD2FModel.from_pretrained(str(a["pretrained"]), adapter=a.get("adapter"),
                                                   dtype=DTYPES[a.get("dtype", "float32")], device=self._device)
         self.tokenizer = self.model.tokenizer
-        if self.tokenizer is None:
-            raise ValueError(f"d2f model_args: pretrained folder {a['pretrained']} has no tokenizer files")
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
