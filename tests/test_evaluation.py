@@ -18,6 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
 
 import bench_e2e  # noqa: E402
 import task_math  # noqa: E402
+import d2f_ext  # noqa: E402
 from d2f_ext import cli as generate_cli  # noqa: E402
 from d2f_ext.evaluation import PRESETS, TASKS_DIR  # noqa: E402
 from d2f_ext.evaluation import cli  # noqa: E402
@@ -27,13 +28,15 @@ from d2f_ext.evaluation.presets import table  # noqa: E402
 from d2f_ext.models import load_model  # noqa: E402
 from d2f_ext.models.tiny import write_tiny_checkpoint  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = generate_cli.DEFAULT_MODEL
 PROBLEMS = 6  # a handful: each takes well under a second on one CPU thread
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+    # The children import the d2f_ext this test imported (the installed one, with its compiled
+    # kernels, or the source tree's when run from the repository root).
+    package_root = str(pathlib.Path(d2f_ext.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=package_root, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     # One thread a process: on a shared CPU a second OpenMP thread waiting for a busy core makes
     # the small model's matmuls far slower, and the two-process run has one core each.
