@@ -89,12 +89,18 @@ setup(
     version="0.1.0",
     description="Discrete Diffusion Forcing (D2F) decoding for LLaDA and Dream: kernels and engine",
     packages=find_packages(include=["d2f_ext", "d2f_ext.*"]),
-    package_data={"d2f_ext": ["assets/**/*"]},
+    package_data={"d2f_ext": ["assets/**/*", "evaluation/tasks/**/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "safetensors", "tokenizers", "transformers>=4.46",
                       "peft", "tqdm"],
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "expecttest"]},
+    extras_require={
+        # lm-evaluation-harness for d2f-eval; accelerate for `accelerate launch` data parallelism.
+        "eval": ["lm-eval>=0.4,<0.5", "accelerate"],
+        "test": ["pytest", "hypothesis", "matplotlib", "expecttest", "lm-eval>=0.4,<0.5"],
+    },
     ext_modules=[extension()],
     cmdclass=build_ext_cmdclass(),
-    entry_points={"console_scripts": ["d2f-generate=d2f_ext.cli:main"]},
+    # lm-eval 0.4 discovers no plugins through entry points; d2f-eval registers the model itself.
+    entry_points={"console_scripts": ["d2f-generate=d2f_ext.cli:main",
+                                      "d2f-eval=d2f_ext.evaluation.cli:main"]},
 )

@@ -428,9 +428,12 @@ class Engine:
             final = gen.index(mask) if mask in gen else len(gen)
             eos_at = gen.index(r.eos_id, 0, final) if r.eos_id is not None and r.eos_id in gen[:final] else -1
             new = gen[len(r.output): eos_at if eos_at >= 0 else final]
-            stopped = self._cut_at_stop(r, new) if r.stop and new else None
-            if stopped is not None:
-                new = stopped
+            stopped = None
+            if r.stop and new:
+                hit = first_stop(r.output + new, r.stop, self.tokenizer, start=len(r.output))
+                if hit is not None:
+                    stopped, r.stop_string = new[: hit[0] - len(r.output)], hit[1]
+                    new = stopped
             r.output.extend(new)
             r.forwards = forwards
             if stopped is not None or finished:
@@ -441,25 +444,20 @@ class Engine:
                 outputs.append(StepOutput(r, new))
         return outputs
 
-    def _cut_at_stop(self, r: Request, new: list[int]) -> Optional[list[int]]:
-        """The prefix of ``new`` through the token that completes a stop string (recorded in
-        ``r.stop_string``), or None."""
-        tok = self.tokenizer
+def first_stop(tokens: list[int], stop: Sequence[str], tokenizer, start: int = 0):
+    """(n, the stop string) for the shortest prefix ``tokens[:n]``, n > start, whose text holds a
+    stop string, or None. A prefix's text only grows with n, hence the bisection."""
+    def found(n):
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        return next((s for s in stop if s in text), None)
 
-        def found(tokens):
-            text = tok.decode(r.output + tokens, skip_special_tokens=True)
-            return next((s for s in r.stop if s in text), None)
-
-        hit = found(new)
-        if hit is None:
-            return None
-        for k in range(1, len(new)):
-            earlier = found(new[:k])
-            if earlier is not None:
-                r.stop_string = earlier
-                return new[:k]
-        r.stop_string = hit
-        return new
+    if found(len(tokens)) is None:
+        return None
+    lo, hi = start + 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if found(mid) is not None else (mid + 1, hi)
+    return lo, found(lo)
 
 
 def _localise(groups: list[list[Request]], index: dict[int, int], batch: int, device):

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 from .config import D2FConfig
 from .decoding import DECODERS, decode
 from .decoding.common import split_padded
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, first_stop
 
 _D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
 _ENGINE_DECODERS = ("d2f", "fast-dllm")
@@ -73,7 +73,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     decoded_token_threshold, skip_threshold, sampling_strategy, temperature, top_k, top_p, seed)
     come as keyword arguments or attributes of ``generation_config``, laid over the model's own
     (which AutoD2FModel reads from the checkpoint's generation_config.json). ``stop_strings``
-    (with ``tokenizer``, default the model's) end a row once its text holds one; ``max_length``
+    (with ``tokenizer``, default the model's) end a row once its text holds one (the engine's
+    decoders stop decoding it there; vanilla and reference cut it afterwards); ``max_length``
     counts the prompt (its padded width, as in transformers), ``max_new_tokens`` wins over it."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -105,8 +106,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     cfg = D2FConfig.from_generation_config(gc, max_new_tokens=max_new_tokens, **kwargs)
     stop = stop_strings if stop_strings is not None else get("stop_strings")
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if stop and decoder not in _ENGINE_DECODERS:
-        raise ValueError(f"stop_strings work with the decoders {_ENGINE_DECODERS}, not {decoder!r}")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if stop and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= (the model has none) to read the generated text")
     if streamer is not None and len(prompts) != 1:
         raise ValueError("streamer supports batch size 1 only, as in transformers")
     if streamer is not None:
@@ -116,8 +118,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if decoder == "fast-dllm":
             cfg = D2FConfig.fast_dllm(**dataclasses.asdict(cfg))
         engine = engine_for(model, cfg.block_size, len(prompts), max(map(len, prompts)) + cfg.max_new_tokens)
-        if tokenizer is not None:
-            engine.tokenizer = tokenizer
+        engine.tokenizer = tokenizer
         on_step = None
         if streamer is not None:
             def on_step(outputs):
@@ -133,6 +134,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         rows = out.tokens_before_eos(eos)
         hit = [eos is not None and len(r) < out.generated.shape[1] and int(out.generated[i, len(r)]) == eos
                for i, r in enumerate(rows)]
+        if stop:  # these decoders run to the end: the rows are cut afterwards
+            cuts = [first_stop(r, stop, tokenizer) for r in rows]
+            hit = [h and c is None for h, c in zip(hit, cuts)]
+            rows = [r if c is None else r[:c[0]] for r, c in zip(rows, cuts)]
         if streamer is not None:
             streamer.put(torch.tensor(rows[0] + ([eos] if hit[0] else [])))
     new_rows = [r + ([eos] if h else []) for r, h in zip(rows, hit)]

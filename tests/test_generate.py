@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import GenerationConfig, TextStreamer
 
-from d2f_ext import AutoD2FModel, cli
+from d2f_ext import AutoD2FModel, cli, patch
 from d2f_ext.engine import Engine
-from d2f_ext.models import KVCache
+from d2f_ext.models import KVCache, load_model
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,46 @@ def test_other_decoders(model, decoder):
         assert torch.equal(d2f, out.sequences)
 
 
+def test_stop_strings_end_each_row_after_the_first_stop_string(model):
+    enc = _encode(model, ["what is two plus three ?", "the cat"])
+    width = enc["input_ids"].shape[1]
+    tok = model.tokenizer
+    full = model.generate(**enc, max_new_tokens=16, return_dict_in_generate=True, **KW)
+    rows = [full.sequences[i, width:width + int(full.new_tokens[i])].tolist() for i in range(2)]
+    # A word some row writes after its first token, before its end: cutting there shortens it.
+    stop = next(tok.decode([t]).strip() for r in rows for t in r[1:-1] if t != r[0] and tok.decode([t]).strip())
+    out = model.generate(**enc, max_new_tokens=16, return_dict_in_generate=True, stop_strings=[stop],
+                         tokenizer=tok, **KW)
+    cut = 0
+    for i, row in enumerate(rows):
+        # The shortest prefix whose text holds the stop string, found by trying every length.
+        want = next((row[:n] for n in range(1, len(row) + 1) if stop in tok.decode(row[:n])), row)
+        assert int(out.new_tokens[i]) == len(want)
+        got = out.sequences[i, width:].tolist()
+        assert got[:len(want)] == want
+        if len(want) < len(row):  # cut: padding follows, no EOS
+            cut += 1
+            assert all(t == model.config.pad_token_id for t in got[len(want):])
+    assert cut >= 1
+    assert all(int(o) <= int(f) for o, f in zip(out.forwards, full.forwards))  # a stopped row stops
+    for decoder in ("vanilla", "reference"):  # they run to the end, then cut the same way
+        kw = dict(block_size=4) if decoder == "vanilla" else KW
+        alone = model.generate(**enc, max_new_tokens=16, decoder=decoder, **kw)
+        stopped = model.generate(**enc, max_new_tokens=16, decoder=decoder, stop_strings=stop, **kw)
+        for i in range(2):
+            row = alone[i, width:].tolist()
+            n = next((n for n in range(1, len(row) + 1) if stop in tok.decode(row[:n], skip_special_tokens=True)),
+                     None)
+            if n is not None:
+                assert stopped[i, width:width + n].tolist() == row[:n]
+
+
+def test_stop_strings_need_a_tokenizer(tiny_checkpoint):
+    bare = patch(load_model(tiny_checkpoint("llada", seed=5)))  # no tokenizer attached
+    with pytest.raises(ValueError, match="tokenizer"):
+        bare.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, stop_strings=["x"], **KW)
+
+
 def test_bad_arguments(model):
     enc = _encode(model, ["the bird"])
     with pytest.raises(TypeError, match="nonsense"):
@@ -195,24 +235,6 @@ def test_second_generate_of_the_same_shapes_builds_nothing(model, monkeypatch):
     again = model.generate(**enc, max_new_tokens=16, **KW)
     assert built == [] and model.d2f_engine is engine and engine.cache.k.data_ptr() == cache_ptr
     assert torch.equal(first, again) and engine.graph_captures == 0
-
-
-def test_stop_strings_end_the_row(model):
-    tok = model.tokenizer
-    enc = _encode(model, ["the cat sat on the"])
-    full = model.generate(**enc, max_new_tokens=24, return_dict_in_generate=True, **KW)
-    width = enc["input_ids"].shape[1]
-    text = tok.decode(full.sequences[0, width:], skip_special_tokens=True)
-    words = text.split()
-    assert len(words) >= 3, text
-    stop = words[1]
-    cut = model.generate(**enc, max_new_tokens=24, stop_strings=[stop], return_dict_in_generate=True, **KW)
-    got = tok.decode(cut.sequences[0, width:], skip_special_tokens=True)
-    assert stop in got and text.startswith(got.rstrip())
-    # The tokens end with the one that completes the stop string: one fewer has no stop string.
-    n = int(cut.new_tokens[0])
-    assert stop not in tok.decode(cut.sequences[0, width:width + n - 1], skip_special_tokens=True)
-    assert int(cut.forwards[0]) <= int(full.forwards[0])
 
 
 def test_max_new_tokens_below_the_block_size_decodes_one_short_block(model):

@@ -128,13 +128,13 @@ def test_adapter_merge_equals_unmerged_peft(arch, lora, tiny_checkpoint, tmp_pat
 def test_adapter_for_another_base(tiny_checkpoint, tmp_path):
     llada = load_model(tiny_checkpoint("llada"))
     make_adapter(load_model(tiny_checkpoint("dream")), str(tmp_path / "dream"), "dream")
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.[kqvo]_proj.*another base"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.[kqvo]_proj.*model type differs.*another base"):
         load_adapter(llada, str(tmp_path / "dream"))
     wide = load_model(write_tiny_checkpoint(str(tmp_path / "wide"), arch="llada", hidden_size=256,
                                             num_heads=4, tokenizer=False))
     make_adapter(wide, str(tmp_path / "wide_adapter"), "llada")
     before = {k: v.clone() for k, v in llada.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn_out.*another base"):
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn_out.*hidden size 256 in the adapter vs 128 in the model.*another base"):
         load_adapter(llada, str(tmp_path / "wide_adapter"))
     for k, v in llada.state_dict().items():  # a refused adapter changes nothing
         assert torch.equal(v, before[k]), k

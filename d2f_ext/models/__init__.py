@@ -9,7 +9,7 @@ from .config import ModelConfig
 from .decoder import DiffusionLM
 from .dream import DreamModel
 from .llada import LLaDAModel
-from .loading import CheckpointError, load_adapter, load_model, model_for_config
+from .loading import CheckpointError, check_adapter, load_adapter, load_model, model_for_config
 
 __all__ = ["CheckpointError", "DiffusionLM", "DreamModel", "KVCache", "LLaDAModel", "ModelConfig",
-           "load_adapter", "load_model", "model_for_config"]
+           "check_adapter", "load_adapter", "load_model", "model_for_config"]

@@ -146,13 +146,16 @@ def _read_adapter(folder: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]
     return acfg, pairs
 
 
-def load_adapter(model: DiffusionLM, folder: str) -> DiffusionLM:
-    """Merge a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into the
-    model's weights in place: W += scale * B @ A, scale = lora_alpha / r (/ sqrt(r) with
-    use_rslora). Everything is checked before any weight changes."""
+def check_adapter(model: DiffusionLM, folder: str) -> list:
+    """Raise CheckpointError unless the adapter in ``folder`` fits ``model`` (a model on the meta
+    device will do: only the layer shapes are read), naming what differs: the model type (a
+    target layer this architecture lacks), the vocabulary or the hidden size. Returns the merge
+    plan: (layer, A, B, scale) per target."""
     folder = os.fspath(folder)
     acfg, pairs = _read_adapter(folder)
     modules = dict(model.named_modules())
+    base = acfg.get("base_model_name_or_path")
+    made_for = f" (made for {base})" if base else ""
     plan = []
     for name, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -160,15 +163,34 @@ def load_adapter(model: DiffusionLM, folder: str) -> DiffusionLM:
         module = modules.get(name)
         if not isinstance(module, nn.Linear):
             raise CheckpointError(f"adapter targets {name!r}, which this {model.config.arch} model does "
-                                  f"not have as a linear layer (an adapter for another base model?)")
+                                  f"not have as a linear layer: model type differs (an adapter for another "
+                                  f"base model?){made_for}")
         a, b = ab["A"], ab["B"]
         r = int(_from_pattern(acfg.get("rank_pattern"), name, acfg["r"]))
         if a.shape != (r, module.in_features) or b.shape != (module.out_features, r):
+            differs = _differs(model.config, (a.shape[1], b.shape[0]), (module.in_features, module.out_features))
             raise CheckpointError(
                 f"adapter for {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, but the layer is "
-                f"{module.out_features}x{module.in_features} with r={r} (an adapter for another base model?)")
+                f"{module.out_features}x{module.in_features} with r={r}: {differs} (an adapter for "
+                f"another base model?){made_for}")
         alpha = float(_from_pattern(acfg.get("alpha_pattern"), name, acfg["lora_alpha"]))
         plan.append((module, a, b, alpha / (math.sqrt(r) if acfg.get("use_rslora") else r)))
+    return plan
+
+
+def _differs(config, got: tuple[int, int], want: tuple[int, int]) -> str:
+    """Which model dimension an adapter's (in, out) widths contradict, by the model's names."""
+    named = {config.vocab_size: "vocabulary size", config.hidden_size: "hidden size"}
+    parts = [f"{named.get(w, side + ' width')} {g} in the adapter vs {w} in the model"
+             for g, w, side in zip(got, want, ("input", "output")) if g != w]
+    return "; ".join(parts) or "rank differs from adapter_config.json's r"
+
+
+def load_adapter(model: DiffusionLM, folder: str) -> DiffusionLM:
+    """Merge a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into the
+    model's weights in place: W += scale * B @ A, scale = lora_alpha / r (/ sqrt(r) with
+    use_rslora). Everything is checked before any weight changes."""
+    plan = check_adapter(model, folder)
     # fan_in_fan_out only describes Conv1D-style [in, out] base weights; every target here is an
     # nn.Linear [out, in], which B @ A already matches (PEFT itself forces the flag off for Linear).
     with torch.no_grad():
