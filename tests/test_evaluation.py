@@ -68,7 +68,7 @@ def bench_scores():
     from transformers import AutoTokenizer
 
     student = load_model(SHIPPED).eval()
-    method = bench_e2e.Method(bench_e2e._diffusion(student, bench_e2e._d2f_with(cfg)),
+    method = bench_e2e.Method(bench_e2e._diffusion(student, cfg, "d2f"),
                               AutoTokenizer.from_pretrained(SHIPPED))
     problems = task_math.problems("test", PROBLEMS, seed=0, level="small")
     return bench_e2e.evaluate({"d2f": method}, problems, "bench")["d2f"]
