@@ -141,7 +141,8 @@ int main(int argc, char** argv) {
                                std::to_string(s.batch) + " W=" + std::to_string(s.window) + " H=" +
                                std::to_string(s.heads) + "/" + std::to_string(s.kv_heads) + " D=" +
                                std::to_string(s.head_dim) + " S=" + std::to_string(s.cache);
-      table.add(args.cuda ? name + " simt" : name, ms, {{"GFLOP/s", flops / ms * 1e-6}, {"GB/s cache", bytes / ms * 1e-6}});
+      table.add(args.cuda ? name + " simt" : name, ms,
+                {{"GFLOP/s", flops / ms * 1e-6}, {"GB/s cache", bytes / ms * 1e-6}});
       if (mma_ms > 0.0)
         table.add(name + " mma", mma_ms,
                   {{"GFLOP/s", flops / mma_ms * 1e-6}, {"GB/s cache", bytes / mma_ms * 1e-6}, {"x simt", ms / mma_ms}});

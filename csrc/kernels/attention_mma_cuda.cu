@@ -234,6 +234,10 @@ __global__ void __launch_bounds__(kThreads)
     row_bid[i] = r < rows_total ? bid[r / G] : -1;
   }
   const float scale2 = p.scale * kLog2e;  // scores in log2 units: exp2f instead of expf
+  // The row and column this lane addresses for ldmatrix.x4 (lanes 8i..8i+7: matrix i's rows).
+  const int q_row = warp * 16 + lane % 16, q_col = lane / 16 * 8;
+  const int k_row = lane % 8 + lane / 16 * 8, k_col = (lane / 8) % 2 * 8;
+  const int v_row = lane % 8 + (lane / 8) % 2 * 8, v_col = lane / 16 * 8;
   uint32_t qf[D / 16][4];
   float o[D / 8][4];
 #pragma unroll
@@ -249,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
     if (it == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
-        ldmatrix_x4(qf[kk], smem_addr(q_s + (warp * 16 + lane % 16) * kStride + kk * 16 + lane / 16 * 8));
+        ldmatrix_x4(qf[kk], smem_addr(q_s + q_row * kStride + kk * 16 + q_col));
     }
 
     // S = Q K^T: each ldmatrix.x4 gives the B fragments of two 8-key blocks for 16 head dims.
@@ -262,7 +266,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t kf[4];
-        ldmatrix_x4(kf, smem_addr(ks + (np * 16 + lane % 8 + lane / 16 * 8) * kStride + kk * 16 + (lane / 8) % 2 * 8));
+        ldmatrix_x4(kf, smem_addr(ks + (np * 16 + k_row) * kStride + kk * 16 + k_col));
         mma16816<T>(s[2 * np], qf[kk], kf[0], kf[1]);
         mma16816<T>(s[2 * np + 1], qf[kk], kf[2], kf[3]);
       }
@@ -320,7 +324,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t vf[4];
-        ldmatrix_x4_trans(vf, smem_addr(vs + (kk * 16 + lane % 8 + (lane / 8) % 2 * 8) * kStride + dp * 16 + lane / 16 * 8));
+        ldmatrix_x4_trans(vf, smem_addr(vs + (kk * 16 + v_row) * kStride + dp * 16 + v_col));
         mma16816<T>(o[2 * dp], pa, vf[0], vf[1]);
         mma16816<T>(o[2 * dp + 1], pa, vf[2], vf[3]);
       }
@@ -464,7 +468,9 @@ int attention_mma_plan(const AttentionParams& p, AttentionMmaPlan* plan) {
 int attention_mma_cuda(const AttentionParams& p, const AttentionMmaPlan& plan, float* workspace, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64) return bf16 ? launch<__nv_bfloat16, 64>(p, plan, workspace, s) : launch<__half, 64>(p, plan, workspace, s);
+  if (p.head_dim == 64) {
+    return bf16 ? launch<__nv_bfloat16, 64>(p, plan, workspace, s) : launch<__half, 64>(p, plan, workspace, s);
+  }
   return bf16 ? launch<__nv_bfloat16, 128>(p, plan, workspace, s) : launch<__half, 128>(p, plan, workspace, s);
 }
 

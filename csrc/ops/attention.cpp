@@ -90,12 +90,14 @@ AttentionKernel parse_kernel(const char* op, const char* what, c10::string_view 
   TORCH_CHECK(false, op, ": ", what, " must be \"simt\" or \"mma\", got \"", std::string(name), "\"");
 }
 
-// The CUDA kernel of a call that names none: D2F_EXT_ATTENTION, read on the first such call (the
-// environment is not read again: a getenv per forward per layer is measurable at small shapes).
+// The CUDA kernel of a call that names none: D2F_EXT_ATTENTION, read on the first such call only,
+// so that a process runs one kernel throughout (a CUDA graph captured before a change of the
+// variable would keep the old kernel anyway).
 AttentionKernel default_kernel(const char* op) {
   static const AttentionKernel kernel = [op] {
     const char* env = std::getenv("D2F_EXT_ATTENTION");
-    return env && *env ? parse_kernel(op, "the D2F_EXT_ATTENTION environment variable", env) : AttentionKernel::kSimt;
+    if (env == nullptr || *env == '\0') return AttentionKernel::kSimt;
+    return parse_kernel(op, "the D2F_EXT_ATTENTION environment variable", env);
   }();
   return kernel;
 }
@@ -105,7 +107,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const std::optional<at::Tensor>& cache_rows, double scale,
                      const std::optional<c10::string_view>& kernel) {
   const char* op = "attention";
-  [[maybe_unused]] const AttentionKernel choice = kernel.has_value() ? parse_kernel(op, "kernel", *kernel) : default_kernel(op);
+  [[maybe_unused]] const AttentionKernel choice =
+      kernel.has_value() ? parse_kernel(op, "kernel", *kernel) : default_kernel(op);
   check_dim(op, "q", q, 4, "[B, W, H, D]");
   check_float_dtype(op, "q", q);
   check_last_dim_contiguous(op, "q", q);
