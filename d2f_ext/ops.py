@@ -35,9 +35,13 @@ def build_info() -> dict:
             "openmp": fields["openmp"] == "1", "torch_runtime": torch.__version__}
 
 
+ATTENTION_KERNELS = (None, "simt", "mma")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, cache_lens: torch.Tensor, block_ids: torch.Tensor,
-              cache_rows: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+              cache_rows: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+              kernel: Optional[str] = None) -> torch.Tensor:
     """Block-causal attention of a window over a KV cache plus the window itself.
 
     q: [B, W, H, D]; k, v: [B, W, Hkv, D] (H % Hkv == 0; last dim contiguous, any other strides).
@@ -46,11 +50,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     -1 marks padding (never seen; its output is 0). Non-decreasing over a row's real tokens.
     cache_rows: optional int32 [B], the cache row each query row reads (default: row b).
     Returns [B, W, H, D] in q's dtype (float32, bfloat16; float16 on CUDA).
+    kernel: the CUDA kernel, "simt" (the default) or "mma" (tensor cores: bfloat16/float16 at
+    head_dim 64 or 128 on sm_80+, 16-byte aligned operands; other calls run "simt"). None takes
+    the D2F_EXT_ATTENTION environment variable, read once, on the first such call. CPU tensors
+    always run the CPU kernel.
     """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not HAVE_C:
         return reference.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale)
-    return torch.ops.d2f_ext.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale)
+    return torch.ops.d2f_ext.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale,
+                                       kernel)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -134,7 +145,7 @@ def pipeline_step(rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor
 
 if HAVE_C:
     @torch.library.register_fake("d2f_ext::attention")
-    def _attention_fake(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale):
+    def _attention_fake(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale, kernel=None):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("d2f_ext::store_kv")

@@ -1,6 +1,10 @@
 """d2f_ext attention and store_kv kernels against d2f_ext.reference."""
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,8 +71,8 @@ def torch_low_precision(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_
     return out
 
 
-def check_against_reference(args, scale):
-    got = torch.ops.d2f_ext.attention(*args, scale)
+def check_against_reference(args, scale, kernel=None):
+    got = torch.ops.d2f_ext.attention(*args, scale, kernel)
     q = args[0]
     assert got.shape == q.shape and got.dtype == q.dtype and got.is_contiguous()
     fp32_args = [a.float() if a is not None and a.is_floating_point() else a for a in args]
@@ -94,6 +98,16 @@ def dtype_ok(dtype, device):
         pytest.skip("float16 is CUDA-only")
 
 
+# The CUDA kernels: "simt" and the tensor-core "mma" (which runs "simt" for what it does not
+# support: float32, head_dim other than 64 and 128). The CPU has one kernel.
+KERNELS = ["simt", "mma"]
+
+
+def kernel_ok(kernel, device):
+    if kernel == "mma" and device.type == "cpu":
+        pytest.skip("the tensor-core kernel is CUDA-only")
+
+
 CASES = [  # B, W, H, Hkv, D, S, block_size, prompt_len, pad_front, pad_back, lens
     (1, 8, 2, 2, 64, 16, 4, 0, 0, 0, [0]),
     (2, 13, 4, 2, 64, 40, 3, 5, 1, 2, [7, 40]),
@@ -109,25 +123,98 @@ CASES = [  # B, W, H, Hkv, D, S, block_size, prompt_len, pad_front, pad_back, le
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}W{}H{}kv{}D{}S{}".format(*c[:6]))
 @pytest.mark.parametrize("permute_rows,fused", [(False, False), (True, True)])
-def test_attention_matches_reference(device, dtype, case, permute_rows, fused):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_attention_matches_reference(device, dtype, case, permute_rows, fused, kernel):
     dtype_ok(dtype, device)
+    kernel_ok(kernel, device)
     B, W, H, Hkv, D, S, bs, prompt, pf, pb, lens = case
     args = make_inputs(B, W, H, Hkv, D, S, dtype, device, block_size=bs, prompt_len=prompt, pad_front=pf,
                        pad_back=pb, lens=lens, permute_rows=permute_rows, fused=fused)
-    check_against_reference(args, 1.0 / math.sqrt(D))
+    check_against_reference(args, 1.0 / math.sqrt(D), kernel)
 
 
-def test_attention_all_padding_and_custom_scale(device):
-    args = make_inputs(2, 9, 4, 2, 64, 12, torch.float32, device, lens=[5, 0])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_attention_all_padding_and_custom_scale(device, kernel, dtype):
+    dtype_ok(dtype, device)
+    kernel_ok(kernel, device)
+    args = make_inputs(2, 9, 4, 2, 64, 12, dtype, device, lens=[5, 0])
     args[6][0] = -1  # row 0: nothing but padding
-    check_against_reference(args, 0.3)
-    assert torch.all(torch.ops.d2f_ext.attention(*args, 0.3)[0] == 0)
+    check_against_reference(args, 0.3, kernel)
+    assert torch.all(torch.ops.d2f_ext.attention(*args, 0.3, kernel)[0] == 0)
 
 
-def test_attention_large_window_many_tiles(device):
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_large_window_many_tiles(device, kernel, dtype):
     """Windows longer than the kernels' query and key tiles, with GQA and a long prompt block."""
-    args = make_inputs(1, 150, 8, 2, 64, 300, torch.float32, device, block_size=7, prompt_len=40, lens=[257])
-    check_against_reference(args, 0.125)
+    kernel_ok(kernel, device)
+    args = make_inputs(1, 150, 8, 2, 64, 300, dtype, device, block_size=7, prompt_len=40, lens=[257])
+    check_against_reference(args, 0.125, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_padding_mid_row(device, kernel, dtype, D):
+    """Padding between real tokens (and a row whose window is padding but for one token)."""
+    dtype_ok(dtype, device)
+    kernel_ok(kernel, device)
+    args = make_inputs(2, 40, 8, 2, D, 90, dtype, device, block_size=4, prompt_len=6, lens=[90, 17])
+    args[6][0, [3, 9, 10, 25, 39]] = -1
+    args[6][1, :] = -1
+    args[6][1, 20] = 7
+    check_against_reference(args, 1.0 / math.sqrt(D), kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_long_cache_few_heads(device, kernel, dtype, D):
+    """Few (row tile, kv head, row) work items over long caches: the tensor-core kernel splits
+    the cache (split-KV); rows whose cache is empty, ends mid-split or is full."""
+    dtype_ok(dtype, device)
+    kernel_ok(kernel, device)
+    args = make_inputs(3, 24, 4, 2, D, 1100, dtype, device, block_size=8, lens=[700, 0, 1100],
+                       permute_rows=True)
+    check_against_reference(args, 1.0 / math.sqrt(D), kernel)
+
+
+@pytest.mark.cuda
+def test_attention_mma_kernel_is_a_different_kernel():
+    """The tensor-core kernel really runs for a supported call (its rounding differs from the
+    SIMT kernel's in some output) instead of silently falling back; both match the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    args = make_inputs(2, 32, 8, 2, 128, 200, torch.bfloat16, torch.device("cuda"), lens=[150, 200])
+    simt = torch.ops.d2f_ext.attention(*args, 0.1, "simt")
+    mma = torch.ops.d2f_ext.attention(*args, 0.1, "mma")
+    assert not torch.equal(simt, mma)
+    check_against_reference(args, 0.1, "mma")
+
+
+def test_attention_rejects_unknown_kernel():
+    args = _attn_args(torch.device("cpu"))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ops.attention(*args, kernel="tensor")
+    with pytest.raises(RuntimeError, match='attention: kernel must be "simt" or "mma", got "tensor"'):
+        torch.ops.d2f_ext.attention(*args, 0.1, "tensor")
+    want = torch.ops.d2f_ext.attention(*args, 0.1)
+    assert torch.equal(ops.attention(*args, scale=0.1, kernel="mma"), want)  # the CPU has one kernel
+
+
+def test_attention_kernel_from_environment():
+    """D2F_EXT_ATTENTION picks the kernel of calls that name none; a bad value is an error."""
+    code = ("import torch; from d2f_ext import ops; z = torch.zeros(1, 1, 1, 8); "
+            "ops.attention(z, z, z, z, z, torch.zeros(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32))")
+    env = dict(os.environ, D2F_EXT_ATTENTION="tensor",
+               PYTHONPATH=str(pathlib.Path(ops.__file__).parent.parent))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert 'the D2F_EXT_ATTENTION environment variable must be "simt" or "mma", got "tensor"' in run.stderr
+    env["D2F_EXT_ATTENTION"] = "mma"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
 
 
 @settings(max_examples=25, deadline=None)

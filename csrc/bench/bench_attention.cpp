@@ -1,7 +1,8 @@
 // Microbenchmark of the block-causal attention kernel at LLaDA-8B per-layer shapes
 // (32 heads, 32 kv heads, head_dim 128, one row), window 32..128 over caches of 256..4096.
 //   g++ -O3 -fopenmp -std=c++17 -Icsrc csrc/bench/bench_attention.cpp csrc/kernels/attention_cpu.cpp
-// With -DD2F_WITH_CUDA (linking attention_cuda.cu and cudart), --cuda times the CUDA kernel.
+// With -DD2F_WITH_CUDA (linking attention_cuda.cu, attention_mma_cuda.cu and cudart), --cuda times
+// the SIMT kernel and, for bf16, the tensor-core kernel ("mma" rows, with their speedup).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -83,13 +84,27 @@ void point_at_host(Problem& pb) {
 }
 
 #if defined(D2F_WITH_CUDA)
-double time_cuda(Problem& pb, const bench::Args& args) {
+// Median ms of the SIMT kernel, or of the tensor-core kernel when `mma` (0 when it does not
+// support the problem).
+double time_cuda(Problem& pb, const bench::Args& args, bool mma) {
   bench::DeviceBuffers dev;
   d2f::AttentionParams p = pb.p;
   p.q = dev.upload(pb.q), p.k = dev.upload(pb.k), p.v = dev.upload(pb.v);
   p.k_cache = dev.upload(pb.k_cache), p.v_cache = dev.upload(pb.v_cache), p.out = dev.upload(pb.out);
   p.cache_lens = dev.upload(pb.cache_lens), p.block_ids = dev.upload(pb.block_ids);
-  return bench::cuda_median_ms(args, [&](cudaStream_t stream) { d2f::attention_cuda(p, stream); });
+  if (!mma) {
+    return bench::cuda_median_ms(args, [&](cudaStream_t stream) {
+      bench::cuda_check(static_cast<cudaError_t>(d2f::attention_cuda(p, stream)), "attention_cuda");
+    });
+  }
+  d2f::AttentionMmaPlan plan{};
+  bench::cuda_check(static_cast<cudaError_t>(d2f::attention_mma_plan(p, &plan)), "attention_mma_plan");
+  if (!plan.supported) return 0.0;
+  float* workspace = dev.alloc<float>(static_cast<size_t>(plan.workspace_floats));
+  return bench::cuda_median_ms(args, [&](cudaStream_t stream) {
+    bench::cuda_check(static_cast<cudaError_t>(d2f::attention_mma_cuda(p, plan, workspace, stream)),
+                      "attention_mma_cuda");
+  });
 }
 #endif
 
@@ -111,9 +126,12 @@ int main(int argc, char** argv) {
       Problem pb;
       make_problem(s, dtype, pb);
       point_at_host(pb);
-      double ms = 0.0;
+      double ms = 0.0, mma_ms = 0.0;
 #if defined(D2F_WITH_CUDA)
-      if (args.cuda) ms = time_cuda(pb, args);
+      if (args.cuda) {
+        ms = time_cuda(pb, args, false);
+        mma_ms = time_cuda(pb, args, true);
+      }
 #endif
       if (!args.cuda) ms = bench::median_ms([&] { d2f::attention_cpu(pb.p); }, args);
       // Dense count (every window key as if visible): an upper bound on the useful work.
@@ -123,7 +141,11 @@ int main(int argc, char** argv) {
                                std::to_string(s.batch) + " W=" + std::to_string(s.window) + " H=" +
                                std::to_string(s.heads) + "/" + std::to_string(s.kv_heads) + " D=" +
                                std::to_string(s.head_dim) + " S=" + std::to_string(s.cache);
-      table.add(name, ms, {{"GFLOP/s", flops / ms * 1e-6}, {"GB/s cache", bytes / ms * 1e-6}});
+      table.add(args.cuda ? name + " simt" : name, ms,
+                {{"GFLOP/s", flops / ms * 1e-6}, {"GB/s cache", bytes / ms * 1e-6}});
+      if (mma_ms > 0.0)
+        table.add(name + " mma", mma_ms,
+                  {{"GFLOP/s", flops / mma_ms * 1e-6}, {"GB/s cache", bytes / mma_ms * 1e-6}, {"x simt", ms / mma_ms}});
     }
   }
   return table.finish(args) ? 0 : 1;

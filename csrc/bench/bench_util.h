@@ -2,7 +2,8 @@
 // JSON dump of the same rows. Header-only so that each bench stays one source file.
 //
 //   bench::Args args = bench::parse_args(argc, argv);   // --small, --json PATH, --cuda
-//   // with --cuda: bench::DeviceBuffers, bench::cuda_median_ms (built with -DD2F_WITH_CUDA)
+//   // with --cuda: bench::DeviceBuffers, bench::cuda_median_ms, bench::cuda_check (built with
+//   // -DD2F_WITH_CUDA); any CUDA error aborts the run with a message
 //   bench::Table table("attention");
 //   double ms = bench::median_ms([&] { kernel(p); }, args);
 //   table.add("W=32 S=1024", ms, {{"GFLOP/s", flops / ms * 1e-6}});
@@ -101,6 +102,13 @@ inline double median(std::vector<double> v) {
 }
 
 #if defined(D2F_WITH_CUDA)
+// Aborts the benchmark on any CUDA error, so that a failed launch never prints a time.
+inline void cuda_check(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(err));
+  std::exit(1);
+}
+
 // Device copies of host vectors, freed together when the bench case ends.
 class DeviceBuffers {
  public:
@@ -112,12 +120,18 @@ class DeviceBuffers {
   }
 
   template <typename T>
-  T* upload(const std::vector<T>& host) {
+  T* alloc(size_t n) {
     void* d = nullptr;
-    cudaMalloc(&d, host.size() * sizeof(T));
-    cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+    cuda_check(cudaMalloc(&d, n * sizeof(T)), "cudaMalloc");
     ptrs_.push_back(d);
     return static_cast<T*>(d);
+  }
+
+  template <typename T>
+  T* upload(const std::vector<T>& host) {
+    T* d = alloc<T>(host.size());
+    cuda_check(cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy");
+    return d;
   }
 
  private:
@@ -129,24 +143,25 @@ class DeviceBuffers {
 template <typename Launch, typename Reset>
 double cuda_median_ms(const Args& args, Launch&& launch, Reset&& reset) {
   cudaStream_t stream;
-  cudaStreamCreate(&stream);
+  cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
   cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
+  cuda_check(cudaEventCreate(&start), "cudaEventCreate");
+  cuda_check(cudaEventCreate(&stop), "cudaEventCreate");
   std::vector<double> ms;
   for (int i = 0; i < args.warmup + args.repeats; ++i) {
     reset();
-    cudaEventRecord(start, stream);
+    cuda_check(cudaEventRecord(start, stream), "cudaEventRecord");
     launch(stream);
-    cudaEventRecord(stop, stream);
-    cudaEventSynchronize(stop);
+    cuda_check(cudaGetLastError(), "the kernel launch");
+    cuda_check(cudaEventRecord(stop, stream), "cudaEventRecord");
+    cuda_check(cudaEventSynchronize(stop), "the kernel run");
     float t = 0.0f;
-    cudaEventElapsedTime(&t, start, stop);
+    cuda_check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
     if (i >= args.warmup) ms.push_back(t);
   }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaStreamDestroy(stream);
+  cuda_check(cudaEventDestroy(start), "cudaEventDestroy");
+  cuda_check(cudaEventDestroy(stop), "cudaEventDestroy");
+  cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
   return median(ms);
 }
 

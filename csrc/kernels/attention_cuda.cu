@@ -86,11 +86,15 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(AttentionParams 
 
   float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][kDimsPerLane];
   int row_bid[kRowsPerWarp];
+  // Every loop over a register array is unrolled: indexing one with a loop variable would place
+  // it in local memory.
+#pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int r = r0 + warp * kRowsPerWarp + i;
     row_bid[i] = r < rows_total ? bid[r / G] : -1;
     m[i] = -INFINITY;
     l[i] = 0.0f;
+#pragma unroll
     for (int c = 0; c < kDimsPerLane; ++c) o[i][c] = 0.0f;
   }
 
@@ -139,6 +143,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(AttentionParams 
     }
     __syncthreads();
 
+#pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
       const float* qr = q_s + (warp * kRowsPerWarp + i) * DMAX;
       const float* kr = k_s + lane * (DMAX + 1);
@@ -151,20 +156,24 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(AttentionParams 
       const float pj = exp2f(s - m_new);
       l[i] = l[i] * alpha + warp_sum(pj);
       m[i] = m_new;
+#pragma unroll
       for (int c = 0; c < kDimsPerLane; ++c) o[i][c] *= alpha;
       for (int j = 0; j < kKeyTile; ++j) {
         const float pb = __shfl_sync(0xffffffffu, pj, j);
+#pragma unroll
         for (int c = 0; c < kDimsPerLane; ++c) o[i][c] += pb * v_s[j * DMAX + c * 32 + lane];
       }
     }
   }
 
   T* out = static_cast<T*>(p.out) + static_cast<int64_t>(b) * W * p.heads * D;
+#pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int r = r0 + warp * kRowsPerWarp + i;
-    if (r >= rows_total) break;
+    if (r >= rows_total) continue;
     const float inv = (row_bid[i] >= 0 && l[i] > 0.0f) ? 1.0f / l[i] : 0.0f;  // padding rows: zeros
     T* dst = out + (static_cast<int64_t>(r / G) * p.heads + kvh * G + r % G) * D;
+#pragma unroll
     for (int c = 0; c < kDimsPerLane; ++c) {
       const int d = c * 32 + lane;
       if (d < D) dst[d] = from_f<T>(o[i][c] * inv);
@@ -173,65 +182,77 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(AttentionParams 
 }
 
 template <typename T, int DMAX>
-void launch_attention(const AttentionParams& p, cudaStream_t stream) {
+cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t bytes = smem_bytes<DMAX>();
   auto kernel = attention_kernel<T, DMAX>;
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (err != cudaSuccess) return err;
+  }
   const int rows_total = p.window * (p.heads / p.kv_heads);
   dim3 grid((rows_total + kRows - 1) / kRows, p.kv_heads, p.batch);
   kernel<<<grid, kWarps * 32, bytes, stream>>>(p);
+  return cudaSuccess;
 }
 
 template <typename T>
-void dispatch_head_dim(const AttentionParams& p, cudaStream_t stream) {
-  if (p.head_dim <= 64) {
-    launch_attention<T, 64>(p, stream);
-  } else if (p.head_dim <= 128) {
-    launch_attention<T, 128>(p, stream);
-  } else {
-    launch_attention<T, 256>(p, stream);
-  }
+cudaError_t dispatch_head_dim(const AttentionParams& p, cudaStream_t stream) {
+  if (p.head_dim <= 64) return launch_attention<T, 64>(p, stream);
+  if (p.head_dim <= 128) return launch_attention<T, 128>(p, stream);
+  return launch_attention<T, 256>(p, stream);
 }
 
-// grid (W, B): block copies window row i of row b (all kv heads) when i < src_len[b].
-template <typename T>
-__global__ void store_kv_kernel(StoreKVParams p) {
+// grid (W, B): block copies window row i of row b (all kv heads) when i < src_len[b], in units U
+// of `per_unit` elements (a 16-byte vector when every address allows it, else one element).
+template <typename U>
+__global__ void store_kv_kernel(StoreKVParams p, int per_unit) {
   const int i = blockIdx.x, b = blockIdx.y;
   if (i >= p.src_len[b]) return;
   const int crow = p.cache_rows ? p.cache_rows[b] : b;
   const int64_t src = p.src_start[b] + i, at = static_cast<int64_t>(p.cache_lens[b]) + i;
   // Unchecked values under CUDA-graph capture (see the attention kernel): never write out of range.
   if (crow < 0 || crow >= p.cache_batch || src < 0 || src >= p.window || at < 0 || at >= p.cache_capacity) return;
-  const int64_t dst = (static_cast<int64_t>(crow) * p.cache_capacity + at) * p.kv_heads * p.head_dim;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + src * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + src * p.v_row_stride;
-  T* kc = static_cast<T*>(p.k_cache) + dst;
-  T* vc = static_cast<T*>(p.v_cache) + dst;
-  for (int e = threadIdx.x; e < p.kv_heads * p.head_dim; e += blockDim.x) {
-    const int h = e / p.head_dim, d = e % p.head_dim;
-    kc[e] = k[h * p.k_head_stride + d];
-    vc[e] = v[h * p.v_head_stride + d];
+  const int head_units = p.head_dim / per_unit;
+  const int64_t dst = (static_cast<int64_t>(crow) * p.cache_capacity + at) * p.kv_heads * head_units;
+  const U* __restrict__ k = static_cast<const U*>(p.k) + (b * p.k_batch_stride + src * p.k_row_stride) / per_unit;
+  const U* __restrict__ v = static_cast<const U*>(p.v) + (b * p.v_batch_stride + src * p.v_row_stride) / per_unit;
+  U* __restrict__ kc = static_cast<U*>(p.k_cache) + dst;
+  U* __restrict__ vc = static_cast<U*>(p.v_cache) + dst;
+  const int64_t k_head = p.k_head_stride / per_unit, v_head = p.v_head_stride / per_unit;
+  for (int e = threadIdx.x; e < p.kv_heads * head_units; e += blockDim.x) {
+    const int h = e / head_units, d = e % head_units;
+    kc[e] = k[h * k_head + d];
+    vc[e] = v[h * v_head + d];
   }
 }
 
 }  // namespace
 
-void attention_cuda(const AttentionParams& p, void* stream) {
+int attention_cuda(const AttentionParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case DType::kBFloat16: dispatch_head_dim<__nv_bfloat16>(p, s); break;
-    case DType::kFloat16: dispatch_head_dim<__half>(p, s); break;
-    default: dispatch_head_dim<float>(p, s); break;
+    case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(p, s);
+    case DType::kFloat16: return dispatch_head_dim<__half>(p, s);
+    default: return dispatch_head_dim<float>(p, s);
   }
 }
 
 void store_kv_cuda(const StoreKVParams& p, void* stream) {
   dim3 grid(p.window, p.batch);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::kFloat32) {
-    store_kv_kernel<float><<<grid, 256, 0, s>>>(p);
+  const int elem = p.dtype == DType::kFloat32 ? 4 : 2;
+  const int per_vec = 16 / elem;
+  bool vec = p.head_dim % per_vec == 0 && aligned16(p.k) && aligned16(p.v) && aligned16(p.k_cache) &&
+             aligned16(p.v_cache);
+  for (int64_t stride : {p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.v_batch_stride, p.v_row_stride,
+                         p.v_head_stride})
+    vec = vec && stride % per_vec == 0;
+  if (vec) {
+    store_kv_kernel<uint4><<<grid, 256, 0, s>>>(p, per_vec);
+  } else if (elem == 4) {
+    store_kv_kernel<float><<<grid, 256, 0, s>>>(p, 1);
   } else {
-    store_kv_kernel<uint16_t><<<grid, 256, 0, s>>>(p);  // bf16 and fp16 are both 2-byte copies
+    store_kv_kernel<uint16_t><<<grid, 256, 0, s>>>(p, 1);  // bf16 and fp16 are both 2-byte copies
   }
 }
 

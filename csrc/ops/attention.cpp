@@ -2,7 +2,9 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "kernels/kernels.h"
 #include "ops/checks.h"
@@ -80,10 +82,33 @@ void check_block_ids(const char* op, const at::Tensor& block_ids, const at::Tens
   }
 }
 
+enum class AttentionKernel { kSimt, kMma };
+
+AttentionKernel parse_kernel(const char* op, const char* what, c10::string_view name) {
+  if (name == "simt") return AttentionKernel::kSimt;
+  if (name == "mma") return AttentionKernel::kMma;
+  TORCH_CHECK(false, op, ": ", what, " must be \"simt\" or \"mma\", got \"", std::string(name), "\"");
+}
+
+// The CUDA kernel of a call that names none: D2F_EXT_ATTENTION, read on the first such call only,
+// so that a process runs one kernel throughout (a CUDA graph captured before a change of the
+// variable would keep the old kernel anyway).
+AttentionKernel default_kernel(const char* op) {
+  static const AttentionKernel kernel = [op] {
+    const char* env = std::getenv("D2F_EXT_ATTENTION");
+    if (env == nullptr || *env == '\0') return AttentionKernel::kSimt;
+    return parse_kernel(op, "the D2F_EXT_ATTENTION environment variable", env);
+  }();
+  return kernel;
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const at::Tensor& cache_lens, const at::Tensor& block_ids,
-                     const std::optional<at::Tensor>& cache_rows, double scale) {
+                     const std::optional<at::Tensor>& cache_rows, double scale,
+                     const std::optional<c10::string_view>& kernel) {
   const char* op = "attention";
+  [[maybe_unused]] const AttentionKernel choice =
+      kernel.has_value() ? parse_kernel(op, "kernel", *kernel) : default_kernel(op);
   check_dim(op, "q", q, 4, "[B, W, H, D]");
   check_float_dtype(op, "q", q);
   check_last_dim_contiguous(op, "q", q);
@@ -131,7 +156,19 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 #if defined(D2F_WITH_CUDA)
   if (q.is_cuda()) {
     c10::cuda::CUDAGuard guard(q.device());
-    attention_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    if (choice == AttentionKernel::kMma) {
+      AttentionMmaPlan plan{};
+      C10_CUDA_CHECK(static_cast<cudaError_t>(attention_mma_plan(p, &plan)));
+      if (plan.supported) {  // else (fp32, other head dims, unaligned views, pre-sm_80) the SIMT kernel
+        const at::Tensor workspace =
+            at::empty({plan.workspace_floats}, q.options().dtype(at::kFloat));  // split-KV partials
+        C10_CUDA_CHECK(static_cast<cudaError_t>(attention_mma_cuda(p, plan, workspace.data_ptr<float>(), stream)));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return out;
+      }
+    }
+    C10_CUDA_CHECK(static_cast<cudaError_t>(attention_cuda(p, stream)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }

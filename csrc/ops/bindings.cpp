@@ -35,7 +35,7 @@ std::string build_info() {
 TORCH_LIBRARY(d2f_ext, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
-      "Tensor block_ids, Tensor? cache_rows, float scale) -> Tensor");
+      "Tensor block_ids, Tensor? cache_rows, float scale, str? kernel=None) -> Tensor");
   m.def(
       "store_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_lens, "
       "Tensor src_start, Tensor src_len, Tensor? cache_rows) -> ()");
