@@ -154,7 +154,7 @@ def test_attention_large_window_many_tiles(device, kernel, dtype):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
 @pytest.mark.parametrize("D", [64, 128])
 def test_attention_padding_mid_row(device, kernel, dtype, D):
     """Padding between real tokens (and a row whose window is padding but for one token)."""
@@ -359,18 +359,3 @@ def test_store_kv_bad_inputs(device, index, bad, match):
     args[index] = bad(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.d2f_ext.store_kv(*args)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_attention_padding_inside_a_row(device, dtype):
-    """The contract allows -1 anywhere in a row (a batch of rows with gaps): padding positions
-    are neither attended nor written, whatever surrounds them."""
-    dtype_ok(dtype, device)
-    args = make_inputs(3, 24, 8, 2, 64, 40, dtype, device, block_size=4, prompt_len=6, lens=[0, 17, 40], seed=3)
-    bid = args[6].cpu()
-    bid[0, 3:5] = -1   # inside the prompt block
-    bid[1, 10:14] = -1  # a whole block
-    bid[2, 7] = -1
-    bid[2, 20:22] = -1
-    args[6] = bid.to(device)
-    check_against_reference(args, 0.125)
