@@ -84,6 +84,8 @@ def build_ext_cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+SERVE = ["fastapi", "uvicorn"]  # d2f-serve
+
 setup(
     name="d2f_ext",
     version="0.1.0",
@@ -93,8 +95,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "safetensors", "tokenizers", "transformers>=4.46",
                       "peft", "tqdm"],
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "expecttest"]},
+    extras_require={"serve": SERVE,
+                    "test": ["pytest", "hypothesis", "matplotlib", "expecttest", "openai"] + SERVE},
     ext_modules=[extension()],
     cmdclass=build_ext_cmdclass(),
-    entry_points={"console_scripts": ["d2f-generate=d2f_ext.cli:main"]},
+    entry_points={"console_scripts": ["d2f-generate=d2f_ext.cli:main", "d2f-serve=d2f_ext.serve.cli:main"]},
 )
