@@ -7,7 +7,7 @@ from typing import Sequence
 
 class TextStream:
     """Decodes a request's output tokens as they become final. Text ending in an incomplete
-    character (U+FFFD: a multi-token character split between steps) waits for the next tokens,
+    character (U+FFFD: a multi-token character split between steps) is held for the next tokens,
     and with stop strings, so does a tail that could be the start of one, as the output is cut
     before the stop string. ``finish`` returns the rest; the deltas add up to ``text``."""
 
@@ -21,8 +21,8 @@ class TextStream:
 
     def feed(self, tokens: Sequence[int]) -> str:
         self.tokens.extend(tokens)
-        text = self._decode()
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
+        text = self._decode().rstrip("\ufffd")
+        if not text.startswith(self.sent):
             return ""
         end = len(text) - self._held(text)
         delta = text[len(self.sent):end] if end > len(self.sent) else ""
