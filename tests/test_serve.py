@@ -80,8 +80,11 @@ def _post(server, path: str, body) -> tuple[int, dict]:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
+    client.completions.create(model=NAME, prompt="Tom has", max_tokens=16)
     with urllib.request.urlopen(server.url + "/health", timeout=TIMEOUT) as r:
-        assert json.loads(r.read())["status"] == "ok"
+        h = json.loads(r.read())
+    assert h["status"] == "ok" and h["active"] == h["outstanding"] == 0
+    assert h["steps"] > 0 and h["step_seconds"] > 0  # the benchmark's profile of engine time
 
 
 def test_chat_equals_generate_alone(model, client):

@@ -51,7 +51,8 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
     async def health():
         e = engine_loop.engine
         return {"status": "ok", "active": e.num_active, "waiting": e.num_waiting,
-                "outstanding": engine_loop.outstanding}
+                "outstanding": engine_loop.outstanding, "steps": engine_loop.steps,
+                "step_seconds": engine_loop.step_seconds}
 
     @app.get("/v1/models")
     async def models() -> ModelList:

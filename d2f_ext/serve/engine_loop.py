@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import queue
 import threading
+import time
 from typing import Optional, Sequence
 
 from ..config import D2FConfig
@@ -64,6 +65,8 @@ class EngineLoop:
         self._handles: dict[int, Handle] = {}
         self._lock = threading.Lock()
         self._outstanding = 0
+        # Time inside engine.step, against wall time, tells the engine's share of serving.
+        self.steps, self.step_seconds = 0, 0.0
         self._thread: Optional[threading.Thread] = None
 
     # --- called from the server's event loop ------------------------------------------------
@@ -130,11 +133,14 @@ class EngineLoop:
                     command = None
             if not self.engine.has_work():
                 continue
+            t0 = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a bug must not hang every client: each gets the error
                 self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
                 continue
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - t0
             for o in outputs:
                 r = o.request
                 handle = self._handles.get(r.id)
