@@ -84,6 +84,9 @@ def build_ext_cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+EVAL = ["lm-eval>=0.4,<0.5", "accelerate"]  # d2f-eval
+SERVE = ["fastapi", "uvicorn"]  # d2f-serve
+
 setup(
     name="d2f_ext",
     version="0.1.0",
@@ -94,13 +97,15 @@ setup(
     install_requires=["torch>=2.11", "numpy", "safetensors", "tokenizers", "transformers>=4.46",
                       "peft", "tqdm"],
     extras_require={
+        "serve": SERVE,
         # lm-evaluation-harness for d2f-eval; accelerate for `accelerate launch` data parallelism.
-        "eval": ["lm-eval>=0.4,<0.5", "accelerate"],
-        "test": ["pytest", "hypothesis", "matplotlib", "expecttest", "lm-eval>=0.4,<0.5"],
+        "eval": EVAL,
+        "test": ["pytest", "hypothesis", "matplotlib", "expecttest", "openai"] + SERVE + EVAL,
     },
     ext_modules=[extension()],
     cmdclass=build_ext_cmdclass(),
     # lm-eval 0.4 discovers no plugins through entry points; d2f-eval registers the model itself.
     entry_points={"console_scripts": ["d2f-generate=d2f_ext.cli:main",
-                                      "d2f-eval=d2f_ext.evaluation.cli:main"]},
+                                      "d2f-eval=d2f_ext.evaluation.cli:main",
+                                      "d2f-serve=d2f_ext.serve.cli:main"]},
 )

@@ -1,0 +1,141 @@
+"""The FastAPI app: OpenAI's routes over an EngineLoop (``create_app``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Callable
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from . import errors
+from .engine_loop import EngineLoop, Handle, QueueFull
+from .errors import APIError
+from .outputs import Delta, collect, deltas
+from .params import ModelInfo, chat_prompt_ids, decoding_config, prompt_ids, stop_strings
+from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                       ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice,
+                       CompletionRequest, CompletionResponse, ModelCard, ModelList, SamplingFields,
+                       new_id, now)
+
+
+def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
+    """The app; its lifespan starts and stops ``engine_loop``'s thread."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine_loop.start()
+        try:
+            yield
+        finally:
+            engine_loop.stop()
+
+    app = FastAPI(title="d2f-serve", lifespan=lifespan)
+    app.state.engine_loop = engine_loop
+    errors.install(app)
+    created = now()
+
+    def submit(req: SamplingFields, ids: list[int], max_tokens):
+        if req.model != info.name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {info.name!r}",
+                           "model", "model_not_found")
+        cfg = decoding_config(info, req, len(ids), max_tokens)
+        stop = stop_strings(req)
+        try:
+            return engine_loop.submit(ids, cfg, stop=stop, eos_id=info.eos_id)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full") from None
+
+    @app.get("/health")
+    async def health():
+        e = engine_loop.engine
+        return {"status": "ok", "active": e.num_active, "waiting": e.num_waiting,
+                "outstanding": engine_loop.outstanding, "steps": engine_loop.steps,
+                "step_seconds": engine_loop.step_seconds}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=info.name, created=created)])
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        ids = prompt_ids(info, req.prompt, "prompt")
+        handle = submit(req, ids, req.max_tokens)
+        rid = new_id("cmpl")
+        if req.stream:
+            def chunk(d: Delta, usage_only: bool = False) -> dict:
+                choices = [] if usage_only else [CompletionChoice(text=d.text, finish_reason=d.finish_reason)]
+                return CompletionResponse(id=rid, created=now(), model=info.name, choices=choices,
+                                          usage=d.usage if usage_only else None).model_dump()
+
+            return _sse(engine_loop, handle, info, chunk, req)
+        d = await collect(engine_loop, handle, info.tokenizer)
+        return CompletionResponse(id=rid, created=now(), model=info.name, usage=d.usage,
+                                  choices=[CompletionChoice(text=d.text, finish_reason=d.finish_reason)])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        ids = chat_prompt_ids(info, [m.model_dump() for m in req.messages])
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        handle = submit(req, ids, max_tokens)
+        rid = new_id("chatcmpl")
+        if req.stream:
+            def chunk(d: Delta, usage_only: bool = False) -> dict:
+                choices = [] if usage_only else [ChatChunkChoice(delta=ChatDelta(content=d.text),
+                                                                 finish_reason=d.finish_reason)]
+                return ChatCompletionChunk(id=rid, created=now(), model=info.name, choices=choices,
+                                           usage=d.usage if usage_only else None).model_dump(exclude_none=True)
+
+            first = ChatCompletionChunk(id=rid, created=now(), model=info.name,
+                                        choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+            return _sse(engine_loop, handle, info, chunk, req, first.model_dump(exclude_none=True))
+        d = await collect(engine_loop, handle, info.tokenizer)
+        return ChatCompletionResponse(id=rid, created=now(), model=info.name, usage=d.usage,
+                                      choices=[ChatChoice(message=ChatResponseMessage(content=d.text),
+                                                          finish_reason=d.finish_reason)])
+
+    return app
+
+
+class _Stream(StreamingResponse):
+    """Releases the request however the response ends: Starlette cancels the body when the
+    client disconnects, possibly before the body started (so its own cleanup never ran)."""
+
+    def __init__(self, content, release: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream")
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+def _sse(engine_loop: EngineLoop, handle: Handle, info: ModelInfo, chunk: Callable[..., dict],
+         req: SamplingFields, first: dict | None = None) -> StreamingResponse:
+    """Server-sent events in OpenAI's format: one ``data: {chunk}`` per delta, a usage chunk when
+    ``stream_options.include_usage``, then ``data: [DONE]``."""
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    source = deltas(engine_loop, handle, info.tokenizer)
+
+    async def events():
+        def data(payload) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        if first is not None:
+            yield data(first)
+        try:
+            async for d in source:
+                if d.text or d.finish_reason is not None:
+                    yield data(chunk(d))
+                if d.finish_reason is not None and include_usage:
+                    yield data(chunk(d, usage_only=True))
+        except APIError as e:  # the status line has gone out: the error travels as an event
+            yield data(errors.error_payload(e.message, e.status))
+        finally:
+            await source.aclose()
+        yield "data: [DONE]\n\n"
+
+    return _Stream(events(), lambda: engine_loop.release(handle))

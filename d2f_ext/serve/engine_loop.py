@@ -1,0 +1,176 @@
+"""The one thread that owns the Engine.
+
+The engine is not thread-safe, so the server's event loop never touches it: a route submits a
+request (or an abort) into a thread-safe queue and awaits the request's own asyncio queue, which
+this thread fills, through ``loop.call_soon_threadsafe``, with what each step made final. The
+thread steps while any request is queued or decoding and sleeps on the command queue otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+from typing import Optional, Sequence
+
+from ..config import D2FConfig
+from ..engine import Engine
+
+
+class QueueFull(Exception):
+    """Every row is taken and the waiting queue holds --max-queue requests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What one step made final for a request: its new output tokens; ``finish_reason`` ("stop",
+    "length", "abort", or "error" with ``error``) once it ended, with its model forwards."""
+
+    new_tokens: tuple[int, ...]
+    finish_reason: Optional[str] = None
+    forwards: int = 0
+    error: Optional[str] = None
+
+
+class Handle:
+    """A submitted request as its route sees it: ``events`` yields its Events in order."""
+
+    def __init__(self, prompt: list[int], cfg: D2FConfig, stop: tuple[str, ...], eos_id: Optional[int],
+                 loop: asyncio.AbstractEventLoop):
+        self.prompt, self.cfg, self.stop, self.eos_id = prompt, cfg, stop, eos_id
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.request = None  # the engine's Request, set on the engine thread
+        self.released = False
+
+    def _deliver(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the route's event loop is closed: nobody is listening any more
+            pass
+
+
+class EngineLoop:
+    """Runs ``engine`` on a daemon thread; ``max_queue`` requests may wait for a row beyond the
+    engine's ``max_batch`` decoding ones (a request counts until its route releases it)."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64):
+        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self.engine = engine
+        self.capacity = engine.config.max_batch + max_queue
+        self._commands: queue.Queue = queue.Queue()
+        self._handles: dict[int, Handle] = {}
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        # Time inside engine.step, against wall time, tells the engine's share of serving.
+        self.steps, self.step_seconds = 0, 0.0
+        self._thread: Optional[threading.Thread] = None
+
+    # --- called from the server's event loop ------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="d2f-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort what is in flight and end the thread."""
+        if self._thread is not None:
+            self._commands.put(("stop", None))
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, prompt: Sequence[int], cfg: D2FConfig, *, stop: Sequence[str] = (),
+               eos_id: Optional[int] = None, loop: Optional[asyncio.AbstractEventLoop] = None) -> Handle:
+        """Queue a validated request; raises QueueFull when the server holds ``capacity`` already."""
+        with self._lock:
+            if self._outstanding >= self.capacity:
+                raise QueueFull(f"the server holds {self._outstanding} requests, its limit "
+                                f"(--max-batch + --max-queue); retry later")
+            self._outstanding += 1
+        handle = Handle(list(prompt), cfg, tuple(stop), eos_id, loop or asyncio.get_running_loop())
+        self._commands.put(("add", handle))
+        return handle
+
+    def abort(self, handle: Handle) -> None:
+        """Cancel the request (a no-op once it ended); its row is free for the next step."""
+        self._commands.put(("abort", handle))
+
+    def release(self, handle: Handle) -> None:
+        """The route is done with the request: abort it if still running, and stop counting it."""
+        if handle.released:
+            return
+        handle.released = True
+        self.abort(handle)
+        with self._lock:
+            self._outstanding -= 1
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    # --- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            # Sleep on the queue only when there is nothing to decode.
+            block = not self.engine.has_work()
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command[0] == "stop":
+                    self._fail_all("the server is shutting down", reason="abort")
+                    return
+                self._apply(*command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if not self.engine.has_work():
+                continue
+            t0 = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug must not hang every client: each gets the error
+                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+                continue
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - t0
+            for o in outputs:
+                r = o.request
+                handle = self._handles.get(r.id)
+                if handle is None:
+                    continue
+                if r.finished:
+                    del self._handles[r.id]
+                handle._deliver(Event(tuple(o.new_tokens), r.finish_reason, r.forwards))
+
+    def _apply(self, kind: str, handle: Handle) -> None:
+        if kind == "add":
+            if handle.released:  # the client left before its request reached the engine
+                return
+            try:
+                r = self.engine.add_request(handle.prompt, handle.cfg, eos_id=handle.eos_id, stop=handle.stop)
+            except (ValueError, TypeError) as e:
+                handle._deliver(Event((), "error", error=str(e)))
+                return
+            handle.request = r
+            self._handles[r.id] = handle
+        elif kind == "abort":
+            r = handle.request
+            if r is not None and not r.finished:
+                self.engine.abort(r)
+                del self._handles[r.id]
+                handle._deliver(Event((), "abort", r.forwards))
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        for handle in list(self._handles.values()):
+            if not handle.request.finished:
+                self.engine.abort(handle.request)
+            handle._deliver(Event((), reason, handle.request.forwards, error=message))
+        self._handles.clear()

@@ -1,0 +1,88 @@
+"""A request's prompt ids and D2F decoding settings, checked against the model, with each
+rejection naming the parameter at fault (a 400, before anything reaches the engine)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+from ..config import D2FConfig
+from .errors import APIError
+from .protocol import SamplingFields
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the routes need to know about the served model."""
+
+    name: str
+    tokenizer: object
+    generation_config: object  # the checkpoint's GenerationConfig, or None
+    block_size: int  # the engine's
+    max_len: int  # positions per row: prompt + generation
+    vocab_size: int
+    mask_token_id: int
+    eos_id: Optional[int]
+
+
+def prompt_ids(info: ModelInfo, prompt: Union[str, list[int]], param: str) -> list[int]:
+    if isinstance(prompt, str):
+        ids = info.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        bad = [t for t in prompt if not 0 <= t < info.vocab_size or t == info.mask_token_id]
+        if bad:
+            raise APIError(400, f"{param}: token ids must be in [0, {info.vocab_size}) and not the mask id "
+                                f"{info.mask_token_id}; got {bad[:5]}", param)
+        ids = list(prompt)
+    if not ids:
+        raise APIError(400, f"{param}: the prompt is empty", param)
+    if len(ids) >= info.max_len:
+        raise APIError(400, f"{param}: the prompt has {len(ids)} tokens; the context holds {info.max_len} "
+                            f"(prompt + completion)", param, "context_length_exceeded")
+    return ids
+
+
+def chat_prompt_ids(info: ModelInfo, messages: list[dict]) -> list[int]:
+    tok = info.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, f"model {info.name} has no chat template; use /v1/completions", "messages")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt_ids(info, text, "messages")
+
+
+def decoding_config(info: ModelInfo, req: SamplingFields, prompt_len: int,
+                    max_tokens: Optional[int] = None) -> D2FConfig:
+    """The request's settings over the model's generation_config; ``max_tokens`` (default the
+    generation_config's max_new_tokens, cut to what the context leaves) bounds the completion."""
+    if req.n != 1:
+        raise APIError(400, f"n: only n=1 is supported, got {req.n}", "n")
+    room = info.max_len - prompt_len
+    if max_tokens is None:
+        default = getattr(info.generation_config, "max_new_tokens", None) or D2FConfig.max_new_tokens
+        max_tokens = min(default, room)
+    elif not 1 <= max_tokens <= room:
+        raise APIError(400, f"max_tokens: must be in [1, {room}] (the context of {info.max_len} less the "
+                            f"prompt's {prompt_len} tokens), got {max_tokens}", "max_tokens")
+    if req.temperature is not None and not 0 <= req.temperature <= 2:
+        raise APIError(400, f"temperature: must be in [0, 2], got {req.temperature}", "temperature")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        raise APIError(400, f"top_p: must be in (0, 1], got {req.top_p}", "top_p")
+    if req.seed is not None and req.seed < 0:
+        raise APIError(400, f"seed: must be >= 0, got {req.seed}", "seed")
+    sample = None if req.temperature is None else req.temperature > 0
+    try:
+        return D2FConfig.from_generation_config(info.generation_config, max_new_tokens=max_tokens,
+                                                block_size=info.block_size, do_sample=sample,
+                                                temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+def stop_strings(req: SamplingFields) -> tuple[str, ...]:
+    stop = req.stop
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings, got {list(stop)!r}", "stop")
+    return stop
