@@ -87,7 +87,8 @@ def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
     """Confidence-threshold unmasking of one forward's logits, tokens written in place.
 
     logits: [B, W, V] (float32, bfloat16, float16); tokens: int64 [B, W] contiguous;
-    block_ids: int32 [B, W], the global block of each position (-1: never decoded);
+    block_ids: int32 [B, W], the global block of each position (-1: never decoded; ids outside
+    [-1, NB) are rejected);
     fully_activated: int32 [B, NB] (block i forced to progress when fully_activated[:, i]).
     prev_logits: [B, V] for models whose logits are shifted right by one (Dream): position w
     then reads logits row w - 1 and position 0 reads prev_logits.
@@ -95,6 +96,10 @@ def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
     that decodes nothing decodes its most confident position (sampling_strategy: "default" = p,
     "margin_confidence" = top1 - top2, "neg_entropy"). temperature > 0 samples with Gumbel noise
     drawn from (seed, row, position, token); top_k / top_p filter first (a slower path).
+    Non-finite logits: NaN counts as -inf; +inf logits share probability 1 evenly (all others
+    get 0); a row of -inf only is uniform; the token is the argmax (with noise when sampling)
+    over every id but mask_id, lowest index on ties, so among several +inf logits the lowest
+    index. Confidences are therefore never NaN, and a block forces exactly one position.
     Returns (counts int32 [B, NB]: newly decoded per block, eos_block int32 [B]: lowest block in
     which eos_id was decoded, -1 if none).
     """

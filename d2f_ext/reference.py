@@ -58,14 +58,14 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(seed: int, batch: int, window: int, vocab: int, device=None) -> torch.Tensor:
-    """The kernels' Gumbel noise, float64 [batch, window, vocab]."""
+    """The kernels' Gumbel noise, float32 [batch, window, vocab]."""
     t = lambda x: torch.as_tensor(x, dtype=torch.int64, device=device)  # noqa: E731
     seed &= (1 << 64) - 1
     key = _hash32(t(seed & _MASK32) ^ _hash32(t(((seed >> 32) + 0x9E3779B9) & _MASK32)))
     key = _hash32(key ^ torch.arange(batch, device=device)[:, None])
     key = _hash32(key ^ torch.arange(window, device=device)[None, :])  # [B, W]
     h = _hash32(key[..., None] ^ torch.arange(vocab, device=device))
-    u = ((h >> 8).double() + 0.5) * (1.0 / 16777216.0)
+    u = ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)  # 24 significant bits: exact in float32
     return -torch.log(-torch.log(u))
 
 
@@ -73,16 +73,25 @@ def token_stats(rows: torch.Tensor, temperature: float, confidence: int, noise=N
     """Chosen token, its probability and the confidence for logits rows [..., V].
 
     The mask token is never chosen (a position decoded to it would stay masked forever); its
-    probability still counts in the softmax, so p is what the unrestricted softmax gives."""
+    probability still counts in the softmax, so p is what the unrestricted softmax gives.
+    Non-finite logits follow the rule in ops.unmask: NaN counts as -inf; the softmax weighs the
+    values equal to the row's max 1 each, so +inf logits share probability 1 and a row of -inf
+    only is uniform; ties go to the lowest index."""
     x = rows.float()
     if temperature > 0:
         x = x / temperature
-    probs = torch.softmax(x, dim=-1)
-    score = x.double() + noise if temperature > 0 else x
+    x = x.masked_fill(x.isnan(), float("-inf"))
+    top = x.amax(-1, keepdim=True)
+    # x - top where x < top (never NaN), 0 where x == top: softmax of that is the rule's q.
+    probs = torch.softmax(torch.where(x == top, 0.0, x - top), dim=-1)
+    score = x + noise if temperature > 0 else x
     if mask_id is not None and x.shape[-1] > 1:
-        score = score.clone()
-        score[..., mask_id] = float("-inf")
-    token = score.argmax(-1)
+        # Dropping the column (not setting it to -inf) keeps the lowest-index tie rule when every
+        # other score is -inf too.
+        rest = torch.cat([score[..., :mask_id], score[..., mask_id + 1:]], -1).argmax(-1)
+        token = rest + (rest >= mask_id).long()
+    else:
+        token = score.argmax(-1)
     p = probs.gather(-1, token[..., None])[..., 0]
     if confidence == L.CONF_MARGIN:
         top2 = probs.topk(2, dim=-1).values
@@ -105,7 +114,8 @@ def unmask(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos
     eos_block = torch.full((B,), -1, dtype=torch.int32, device=logits.device)
     thr = torch.tensor(threshold, dtype=torch.float32)
     for b in range(B):
-        masked = (tokens[b] == mask_id) & (block_ids[b] >= 0)
+        # Ids past NB (which only the ops' value checks reject) are skipped like padding.
+        masked = (tokens[b] == mask_id) & (block_ids[b] >= 0) & (block_ids[b] < NB)
         for blk in torch.unique(block_ids[b][masked]).tolist():
             pos = torch.nonzero(masked & (block_ids[b] == blk))[:, 0]
             chosen = pos[p[b, pos] > thr]
