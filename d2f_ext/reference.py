@@ -18,12 +18,15 @@ _MASK32 = 0xFFFFFFFF
 def attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows=None, scale=None):
     B, W, H, D = q.shape
     Hkv = k.shape[2]
+    Bc, S = k_cache.shape[:2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.zeros(B, W, H, D, dtype=q.dtype, device=q.device)
     rows = cache_rows if cache_rows is not None else torch.arange(B, device=q.device)
     for b in range(B):
-        n = int(cache_lens[b])
+        # Out-of-range values (rejected only in debug mode): no cache for a bad cache row,
+        # lengths clamped to [0, S]; block ids below -1 are padding like -1.
         c = int(rows[b])
+        n, c = (min(max(int(cache_lens[b]), 0), S), c) if 0 <= c < Bc else (0, 0)
         keys = torch.cat([k_cache[c, :n], k[b]]).float()  # [n + W, Hkv, D]
         vals = torch.cat([v_cache[c, :n], v[b]]).float()
         keys = keys.repeat_interleave(H // Hkv, dim=1)
@@ -42,10 +45,15 @@ def attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows=None,
 
 def store_kv(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows=None):
     rows = cache_rows if cache_rows is not None else torch.arange(k.shape[0], device=k.device)
+    W, (Bc, S) = k.shape[1], k_cache.shape[:2]
     for b in range(k.shape[0]):
         n, s, m, c = int(cache_lens[b]), int(src_start[b]), int(src_len[b]), int(rows[b])
-        k_cache[c, n : n + m] = k[b, s : s + m]
-        v_cache[c, n : n + m] = v[b, s : s + m]
+        # Copies out of range (rejected only in debug mode) are skipped one by one.
+        i0, i1 = max(0, -s, -n), min(m, W - s, S - n)
+        if not 0 <= c < Bc or i1 <= i0:
+            continue
+        k_cache[c, n + i0 : n + i1] = k[b, s + i0 : s + i1]
+        v_cache[c, n + i0 : n + i1] = v[b, s + i0 : s + i1]
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
