@@ -96,5 +96,5 @@ setup(
     extras_require={"test": ["pytest", "hypothesis", "matplotlib", "expecttest"]},
     ext_modules=[extension()],
     cmdclass=build_ext_cmdclass(),
-    entry_points={"console_scripts": ["d2f-generate=d2f_ext.cli:main"]},
+    entry_points={"console_scripts": ["d2f-generate=d2f_ext.cli:main", "d2f-selftest=d2f_ext.selftest:main"]},
 )
