@@ -1,4 +1,10 @@
-"""`python -m d2f_ext.selftest`, the check users run, on the CPU."""
+"""The user-facing checks run on the CPU: `python -m d2f_ext.selftest` and
+python/sanitize_ops.py (which python/gpu_check.sh runs under compute-sanitizer)."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +13,7 @@ from d2f_ext import ops, selftest
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_C, reason="d2f_ext._C not built")
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = ("attention", "store_kv", "unmask", "pipeline_step")
 
 
@@ -34,3 +41,10 @@ def test_selftest_rejects_a_bad_device():
         with pytest.raises(SystemExit):
             selftest.main(["--device", "cuda"])
 
+
+def test_sanitize_ops_runs_on_cpu():
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(ops.__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, str(ROOT / "python" / "sanitize_ops.py"), "--device", "cpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("sanitize_ops: ok")
