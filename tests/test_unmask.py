@@ -320,3 +320,12 @@ def test_nonfinite_forced_pick_is_one_position(device):
                                   threshold=1.0, confidence=confidence)
         assert counts.cpu().tolist() == [[1]]
         assert int((out != mask_id).sum()) == 1
+
+
+def test_vocabulary_of_the_mask_token_alone(device):
+    """Nothing but [MASK] to pick: the position keeps it, with p = 1 as the reference says."""
+    logits = torch.tensor([[[0.5], [float("-inf")], [float("nan")]]], device=device)
+    tokens = torch.zeros(1, 3, dtype=torch.long, device=device)
+    _, counts, _ = run_both(logits, tokens, torch.zeros(1, 3, dtype=torch.int32, device=device),
+                            torch.zeros(1, 1, dtype=torch.int32, device=device), None, 0, threshold=0.5)
+    assert counts.cpu().tolist() == [[3]]

@@ -297,8 +297,9 @@ __global__ void __launch_bounds__(kThreads) decide_kernel(UnmaskParams p, int sp
     const Partial all = merged(p, i, splits);
     const bool sample = p.temperature > 0.0f;
     // arg is INT_MAX only for a vocabulary of the mask token alone: nothing else to pick.
-    const int64_t tok = all.arg == INT_MAX ? p.mask_id : (sample ? all.gtok : all.arg);
-    const float prob = weight(sample ? all.gx : all.bx, all.m) / all.s;
+    const bool only_mask = all.arg == INT_MAX;
+    const int64_t tok = only_mask ? p.mask_id : (sample ? all.gtok : all.arg);
+    const float prob = weight(only_mask ? all.m : sample ? all.gx : all.bx, all.m) / all.s;
     float conf = prob;
     if (p.confidence == Confidence::kMargin) conf = 1.0f / all.s - weight(all.t2, all.m) / all.s;
     if (p.confidence == Confidence::kNegEntropy) {
