@@ -107,5 +107,6 @@ setup(
     # lm-eval 0.4 discovers no plugins through entry points; d2f-eval registers the model itself.
     entry_points={"console_scripts": ["d2f-generate=d2f_ext.cli:main",
                                       "d2f-eval=d2f_ext.evaluation.cli:main",
-                                      "d2f-serve=d2f_ext.serve.cli:main"]},
+                                      "d2f-serve=d2f_ext.serve.cli:main",
+                                      "d2f-selftest=d2f_ext.selftest:main"]},
 )

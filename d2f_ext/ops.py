@@ -37,6 +37,31 @@ def build_info() -> dict:
 
 ATTENTION_KERNELS = (None, "simt", "mma")
 
+_debug_checks = os.environ.get("D2F_EXT_DEBUG_CHECKS") == "1"  # the flag when _C is not loaded
+
+
+def set_debug_checks(on: bool) -> bool:
+    """Turn the ops' value checks on or off; returns the previous setting.
+
+    Shapes, dtypes and devices are always checked. Index values (cache_lens, cache_rows,
+    src_start/src_len, block_ids in range and in order) are checked only in debug mode, because
+    reading them on the host synchronises with the GPU once per tensor (about 200 times per
+    forward of an 8B model). Outside debug mode out-of-range values never read or write out of
+    bounds: each op's docstring states how it clamps or skips them, and d2f_ext.reference does
+    the same. Debug mode starts on when the environment has D2F_EXT_DEBUG_CHECKS=1; CUDA-graph
+    capture skips the checks either way (the eager run before it has made them).
+    """
+    global _debug_checks
+    if not HAVE_C:
+        previous, _debug_checks = _debug_checks, bool(on)
+        return previous
+    return torch.ops.d2f_ext.set_debug_checks(bool(on))
+
+
+def debug_checks() -> bool:
+    """Whether the ops check index values (see :func:`set_debug_checks`)."""
+    return torch.ops.d2f_ext.debug_checks() if HAVE_C else _debug_checks
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, cache_lens: torch.Tensor, block_ids: torch.Tensor,
@@ -54,6 +79,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     head_dim 64 or 128 on sm_80+, 16-byte aligned operands; other calls run "simt"). None takes
     the D2F_EXT_ATTENTION environment variable, read once, on the first such call. CPU tensors
     always run the CPU kernel.
+    Values out of range, checked only in debug mode (:func:`set_debug_checks`): a row whose
+    cache_rows value is outside [0, Bc) reads no cache, cache_lens clamps to [0, S], block ids
+    below -1 are padding; ids that decrease give unspecified (in-bounds) output.
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
@@ -69,7 +97,9 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              cache_rows: Optional[torch.Tensor] = None) -> None:
     """Write window rows [src_start[b], src_start[b] + src_len[b]) of k, v ([B, W, Hkv, D]) into
     the caches ([Bc, S, Hkv, D]) of row b (or cache_rows[b]) from position cache_lens[b] on.
-    cache_lens, src_start, src_len: int32 [B]. Raises if a row would overflow S."""
+    cache_lens, src_start, src_len: int32 [B]. In debug mode (:func:`set_debug_checks`) raises
+    if a value is out of range or a row would overflow S; otherwise each copy whose window row,
+    cache position or cache row is out of range is skipped (the others are made)."""
     if not HAVE_C:
         return reference.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows)
     torch.ops.d2f_ext.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows)
@@ -98,7 +128,8 @@ def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
     """Confidence-threshold unmasking of one forward's logits, tokens written in place.
 
     logits: [B, W, V] (float32, bfloat16, float16); tokens: int64 [B, W] contiguous;
-    block_ids: int32 [B, W], the global block of each position (-1: never decoded);
+    block_ids: int32 [B, W], the global block of each position (-1: never decoded; ids outside
+    [-1, NB) are rejected in debug mode, else skipped like -1);
     fully_activated: int32 [B, NB] (block i forced to progress when fully_activated[:, i]).
     prev_logits: [B, V] for models whose logits are shifted right by one (Dream): position w
     then reads logits row w - 1 and position 0 reads prev_logits.
@@ -106,6 +137,10 @@ def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
     that decodes nothing decodes its most confident position (sampling_strategy: "default" = p,
     "margin_confidence" = top1 - top2, "neg_entropy"). temperature > 0 samples with Gumbel noise
     drawn from (seed, row, position, token); top_k / top_p filter first (a slower path).
+    Non-finite logits: NaN counts as -inf; +inf logits share probability 1 evenly (all others
+    get 0); a row of -inf only is uniform; the token is the argmax (with noise when sampling)
+    over every id but mask_id, lowest index on ties, so among several +inf logits the lowest
+    index. Confidences are therefore never NaN, and a block forces exactly one position.
     Returns (counts int32 [B, NB]: newly decoded per block, eos_block int32 [B]: lowest block in
     which eos_id was decoded, -1 if none).
     """

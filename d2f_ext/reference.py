@@ -18,12 +18,15 @@ _MASK32 = 0xFFFFFFFF
 def attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows=None, scale=None):
     B, W, H, D = q.shape
     Hkv = k.shape[2]
+    Bc, S = k_cache.shape[:2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.zeros(B, W, H, D, dtype=q.dtype, device=q.device)
     rows = cache_rows if cache_rows is not None else torch.arange(B, device=q.device)
     for b in range(B):
-        n = int(cache_lens[b])
+        # Out-of-range values (rejected only in debug mode): no cache for a bad cache row,
+        # lengths clamped to [0, S]; block ids below -1 are padding like -1.
         c = int(rows[b])
+        n, c = (min(max(int(cache_lens[b]), 0), S), c) if 0 <= c < Bc else (0, 0)
         keys = torch.cat([k_cache[c, :n], k[b]]).float()  # [n + W, Hkv, D]
         vals = torch.cat([v_cache[c, :n], v[b]]).float()
         keys = keys.repeat_interleave(H // Hkv, dim=1)
@@ -42,10 +45,15 @@ def attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows=None,
 
 def store_kv(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows=None):
     rows = cache_rows if cache_rows is not None else torch.arange(k.shape[0], device=k.device)
+    W, (Bc, S) = k.shape[1], k_cache.shape[:2]
     for b in range(k.shape[0]):
         n, s, m, c = int(cache_lens[b]), int(src_start[b]), int(src_len[b]), int(rows[b])
-        k_cache[c, n : n + m] = k[b, s : s + m]
-        v_cache[c, n : n + m] = v[b, s : s + m]
+        # Copies out of range (rejected only in debug mode) are skipped one by one.
+        i0, i1 = max(0, -s, -n), min(m, W - s, S - n)
+        if not 0 <= c < Bc or i1 <= i0:
+            continue
+        k_cache[c, n + i0 : n + i1] = k[b, s + i0 : s + i1]
+        v_cache[c, n + i0 : n + i1] = v[b, s + i0 : s + i1]
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -58,14 +66,14 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(seed: int, batch: int, window: int, vocab: int, device=None) -> torch.Tensor:
-    """The kernels' Gumbel noise, float64 [batch, window, vocab]."""
+    """The kernels' Gumbel noise, float32 [batch, window, vocab]."""
     t = lambda x: torch.as_tensor(x, dtype=torch.int64, device=device)  # noqa: E731
     seed &= (1 << 64) - 1
     key = _hash32(t(seed & _MASK32) ^ _hash32(t(((seed >> 32) + 0x9E3779B9) & _MASK32)))
     key = _hash32(key ^ torch.arange(batch, device=device)[:, None])
     key = _hash32(key ^ torch.arange(window, device=device)[None, :])  # [B, W]
     h = _hash32(key[..., None] ^ torch.arange(vocab, device=device))
-    u = ((h >> 8).double() + 0.5) * (1.0 / 16777216.0)
+    u = ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)  # 24 significant bits: exact in float32
     return -torch.log(-torch.log(u))
 
 
@@ -73,16 +81,25 @@ def token_stats(rows: torch.Tensor, temperature: float, confidence: int, noise=N
     """Chosen token, its probability and the confidence for logits rows [..., V].
 
     The mask token is never chosen (a position decoded to it would stay masked forever); its
-    probability still counts in the softmax, so p is what the unrestricted softmax gives."""
+    probability still counts in the softmax, so p is what the unrestricted softmax gives.
+    Non-finite logits follow the rule in ops.unmask: NaN counts as -inf; the softmax weighs the
+    values equal to the row's max 1 each, so +inf logits share probability 1 and a row of -inf
+    only is uniform; ties go to the lowest index."""
     x = rows.float()
     if temperature > 0:
         x = x / temperature
-    probs = torch.softmax(x, dim=-1)
-    score = x.double() + noise if temperature > 0 else x
+    x = x.masked_fill(x.isnan(), float("-inf"))
+    top = x.amax(-1, keepdim=True)
+    # x - top where x < top (never NaN), 0 where x == top: softmax of that is the rule's q.
+    probs = torch.softmax(torch.where(x == top, 0.0, x - top), dim=-1)
+    score = x + noise if temperature > 0 else x
     if mask_id is not None and x.shape[-1] > 1:
-        score = score.clone()
-        score[..., mask_id] = float("-inf")
-    token = score.argmax(-1)
+        # Dropping the column (not setting it to -inf) keeps the lowest-index tie rule when every
+        # other score is -inf too.
+        rest = torch.cat([score[..., :mask_id], score[..., mask_id + 1:]], -1).argmax(-1)
+        token = rest + (rest >= mask_id).long()
+    else:
+        token = score.argmax(-1)
     p = probs.gather(-1, token[..., None])[..., 0]
     if confidence == L.CONF_MARGIN:
         top2 = probs.topk(2, dim=-1).values
@@ -105,7 +122,8 @@ def unmask(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos
     eos_block = torch.full((B,), -1, dtype=torch.int32, device=logits.device)
     thr = torch.tensor(threshold, dtype=torch.float32)
     for b in range(B):
-        masked = (tokens[b] == mask_id) & (block_ids[b] >= 0)
+        # Ids past NB (which only the ops' value checks reject) are skipped like padding.
+        masked = (tokens[b] == mask_id) & (block_ids[b] >= 0) & (block_ids[b] < NB)
         for blk in torch.unique(block_ids[b][masked]).tolist():
             pos = torch.nonzero(masked & (block_ids[b] == blk))[:, 0]
             chosen = pos[p[b, pos] > thr]

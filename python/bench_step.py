@@ -5,8 +5,8 @@ blocks of --block-size tokens on a KV cache of --cache positions (committing one
 cache), ``unmask`` of its logits and the block-state update (``pipeline_step``). The floor is the
 time to read every weight once (weight bytes / device copy bandwidth, measured here): at batch 1 a
 step is memory-bound and cannot beat it. On CUDA the script also counts the host synchronisations
-of an eager step (the ops' value checks, skipped under CUDA-graph capture) and times the step
-replayed from a CUDA graph.
+of an eager step, as run (none expected) and in debug mode (the ops' index value checks, see
+d2f_ext.ops.set_debug_checks), and times the step replayed from a CUDA graph.
 
     python python/bench_step.py [--small] [--device cuda] [--batch 1 8] [--out results/step]
 """
@@ -67,9 +67,10 @@ def make_step(model, batch: int, cache_len: int, blocks: int, block_size: int):
     return step, kv_bytes
 
 
-def host_syncs(fn) -> int:
+def host_syncs(fn, debug_checks: bool) -> int:
     """How many times fn makes the host wait for the GPU: each one forbids CUDA-graph capture."""
     torch.cuda.synchronize()
+    previous = ops.set_debug_checks(debug_checks)
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -77,6 +78,7 @@ def host_syncs(fn) -> int:
             fn()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        ops.set_debug_checks(previous)
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
@@ -133,25 +135,28 @@ def main():
         t = interleaved({"step": step}, warmup=3, repeat=a.repeat, device=device)["step"]
         row = dict(batch=B, window=a.blocks * a.block_size, cache=a.cache, step_ms=t * 1e3, floor_ms=floor * 1e3,
                    ratio=t / floor, kv_read_bytes=kv_bytes, floor_with_kv_ms=(weight_bytes + kv_bytes) / bandwidth * 1e3,
-                   host_syncs=None, graph_ms=None, graph_note="not CUDA" if not cuda else "")
+                   host_syncs=None, host_syncs_debug=None, graph_ms=None, graph_note="not CUDA" if not cuda else "")
         if cuda:
-            row["host_syncs"] = host_syncs(step)
+            row["host_syncs"] = host_syncs(step, debug_checks=False)
+            row["host_syncs_debug"] = host_syncs(step, debug_checks=True)
             row["graph_ms"], row["graph_note"] = _graph_time(step, a)
         rows.append(row)
         print(f"batch {B}: step {row['step_ms']:.2f} ms, graph {_ms(row['graph_ms'])}, {row['ratio']:.2f}x the floor")
         del step
-    print(f"\n{'batch':>5} {'step ms':>9} {'graph ms':>9} {'floor ms':>9} {'step/floor':>10} {'syncs':>5}")
+    print(f"\n{'batch':>5} {'step ms':>9} {'graph ms':>9} {'floor ms':>9} {'step/floor':>10} {'syncs':>5} "
+          f"{'debug':>5}")
     for r in rows:
         print(f"{r['batch']:5d} {r['step_ms']:9.2f} {_ms(r['graph_ms']):>9} {r['floor_ms']:9.2f} {r['ratio']:10.2f} "
-              f"{r['host_syncs']!s:>5}  {r['graph_note']}")
+              f"{r['host_syncs']!s:>5} {r['host_syncs_debug']!s:>5}  {r['graph_note']}")
     write_json(os.path.join(a.out, "step.json"), {
         "env": environment(), "args": vars(a), "device": device, "config": cfg.to_dict(), "params": params,
         "weight_bytes_per_step": weight_bytes, "copy_bandwidth_Bps": bandwidth, "rows": rows})
     write_markdown(os.path.join(a.out, "step.md"),
                    ["batch", "window", "cache", "step ms", "CUDA graph ms", "floor ms (weights / bandwidth)",
-                    "step / floor", "host syncs per eager step (value checks; none under capture)"],
+                    "step / floor", "host syncs per eager step", "with debug checks"],
                    [[r["batch"], r["window"], r["cache"], f"{r['step_ms']:.2f}", _ms(r["graph_ms"]),
-                     f"{r['floor_ms']:.2f}", f"{r['ratio']:.2f}", r["host_syncs"]] for r in rows])
+                     f"{r['floor_ms']:.2f}", f"{r['ratio']:.2f}", r["host_syncs"], r["host_syncs_debug"]]
+                    for r in rows])
     plot(rows, os.path.join(a.out, "step.png"))
     print(f"wrote {a.out}/step.json, step.md and step.png")
 
@@ -159,7 +164,6 @@ def main():
 def _graph_time(step, a):
     if a.no_graph:
         return None, "graph skipped (--no-graph)"
-    # The eager step's syncs are the ops' host-side value checks, which they skip under capture.
     try:
         replay = graph_replay(step)
     except RuntimeError as e:

@@ -17,6 +17,8 @@ def pytest_configure(config):
             f"({d2f_ext.build_info().get('error')}). Install it (pip install --no-build-isolation .) and run "
             "`pytest` (not `python -m pytest` from the repository root, which imports the source tree), "
             "or set D2F_EXT_ALLOW_NO_C=1 to test the plain-PyTorch fallback.")
+    # The bad-input tests expect the index value checks, which only debug mode makes.
+    d2f_ext.ops.set_debug_checks(True)
 
 
 def pytest_report_header(config):

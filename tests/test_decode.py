@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from d2f_ext import D2FConfig, ops, reference
+from d2f_ext import layout as L
 from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode
+from d2f_ext.decoding.d2f import _Decode
 from d2f_ext.models import load_model
 
 
@@ -233,6 +235,33 @@ def test_cuda_graph_steps_equal_compact_steps(tiny_checkpoint):
             graphed = d2f_decode(model, prompts, cfg, static=True, cuda_graphs=True, sync_every=3)
             assert graphed.generated.tolist() == compact.generated.tolist()
             assert graphed.forwards.tolist() == compact.forwards.tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_eager_static_step_never_syncs(tiny_checkpoint, arch):
+    """A whole fixed-shape D2F step (forward, unmask, pipeline_step), run eagerly with the ops'
+    debug checks off, never makes the host wait for the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = load_model(tiny_checkpoint(arch, seed=3), device="cuda")
+    cfg = CONFIGS[0]
+    d = _Decode(model, _prompts(model, 3, seed=5), cfg, model.config.eos_token_id)
+    width = int(d.pipe.rows[:, L.WIN_LEN].max())
+    previous = ops.set_debug_checks(False)
+    try:
+        with torch.inference_mode():  # as d2f_decode runs its steps
+            d.step(width)  # the first step initialises what is lazy (cuBLAS handles, Dream's logits)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                d.step(min(width + cfg.block_size, d.seq_len))  # a window grows by a block a step at most
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        ops.set_debug_checks(previous)
+    torch.cuda.synchronize()
+    assert d.steps == 2
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -253,3 +253,79 @@ def test_mask_token_is_never_decoded(device, temperature, confidence, dtype):
         expected = x.clone()
         expected[..., mask_id] = float("-inf")
         assert torch.equal(ours.cpu()[was_masked.cpu()], expected.argmax(-1)[was_masked.cpu()])
+
+
+# ---------------------------------------------------------------- non-finite logits
+
+def _nonfinite_rows(V, mask_id):
+    """One row per case of the rule in ops.unmask, with what the reference must give for it:
+    (row, token, p)."""
+    inf, nan = float("inf"), float("nan")
+    g = torch.Generator().manual_seed(0)
+    base = lambda: torch.randn(V, generator=g)  # noqa: E731
+    cases = []
+    r = base(); r[5] = inf  # noqa: E702
+    cases.append((r, 5, 1.0))
+    r = base(); r[9] = inf; r[3] = inf  # noqa: E702
+    cases.append((r, 3, 0.5))
+    cases.append((torch.full((V,), -inf), 0, 1.0 / V))
+    r = torch.full((V,), nan); r[7] = 2.0  # noqa: E702
+    cases.append((r, 7, 1.0))
+    r = base(); r[::3] = nan; r[1::3] = -inf; r[11] = 50.0  # noqa: E702
+    cases.append((r, 11, None))
+    r = base(); r[mask_id] = inf; r[4] = 30.0  # noqa: E702  (only [MASK] is +inf: p of token 4 is 0)
+    cases.append((r, 4, 0.0))
+    cases.append((torch.full((V,), nan), 0, 1.0 / V))
+    return cases
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("confidence", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_logits_rule(device, temperature, confidence, dtype):
+    V, mask_id = 300, 299
+    cases = _nonfinite_rows(V, mask_id)
+    logits = torch.stack([row for row, _, _ in cases])[None].to(dtype)
+    token, p, conf = reference.token_stats(logits[0], temperature, confidence,
+                                           reference.gumbel_noise(5, 1, len(cases), V)[0] if temperature else None,
+                                           mask_id)
+    assert not conf.isnan().any() and not p.isnan().any()
+    for i, (_, want_token, want_p) in enumerate(cases):
+        assert token[i].item() == want_token, i
+        if want_p is not None:
+            assert p[i].item() == pytest.approx(want_p, rel=1e-6, abs=1e-12), i
+    W = len(cases)
+    tokens = torch.full((1, W), mask_id, dtype=torch.long, device=device)
+    bids = torch.zeros(1, W, dtype=torch.int32, device=device)
+    for threshold in (0.0, 0.4, 0.6, 0.999, 1.0):
+        for full in (0, 1):
+            _, counts, _ = run_both(logits.to(device), tokens, bids,
+                                    torch.full((1, 1), full, dtype=torch.int32, device=device), None, mask_id,
+                                    threshold=threshold, temperature=temperature, confidence=confidence, seed=5)
+            decoded = int((p > threshold).sum())
+            assert counts.cpu().item() == (decoded if decoded or not full else 1)
+
+
+def test_nonfinite_forced_pick_is_one_position(device):
+    """A fully activated block of rows with NaN and infinite logits forces exactly one token."""
+    V, W, mask_id = 64, 6, 63
+    logits = torch.full((1, W, V), float("nan"))
+    logits[0, 1, 10] = float("inf")
+    logits[0, 2, :] = float("-inf")
+    logits[0, 3, 20] = 1.0
+    tokens = torch.full((1, W), mask_id, dtype=torch.long, device=device)
+    for confidence in (0, 1, 2):
+        out, counts, _ = run_both(logits.to(device), tokens, torch.zeros(1, W, dtype=torch.int32, device=device),
+                                  torch.ones(1, 1, dtype=torch.int32, device=device), None, mask_id,
+                                  threshold=1.0, confidence=confidence)
+        assert counts.cpu().tolist() == [[1]]
+        assert int((out != mask_id).sum()) == 1
+
+
+def test_vocabulary_of_the_mask_token_alone(device):
+    """Nothing but [MASK] to pick: the position keeps it, with p = 1 as the reference says."""
+    logits = torch.tensor([[[0.5], [float("-inf")], [float("nan")]]], device=device)
+    tokens = torch.zeros(1, 3, dtype=torch.long, device=device)
+    _, counts, _ = run_both(logits, tokens, torch.zeros(1, 3, dtype=torch.int32, device=device),
+                            torch.zeros(1, 1, dtype=torch.int32, device=device), None, 0, threshold=0.5)
+    assert counts.cpu().tolist() == [[3]]

@@ -111,6 +111,7 @@ double time_cuda(Problem& pb, const bench::Args& args) {
   p.cand_token = dev.upload(pb.cand_token);
   p.cand_prob = dev.upload(pb.cand_prob);
   p.cand_conf = dev.upload(pb.cand_conf);
+  p.partials = dev.upload(std::vector<uint8_t>(pb.tokens.size() * d2f::kUnmaskMaxSplits * d2f::kUnmaskPartialBytes));
   const size_t token_bytes = pb.tokens.size() * sizeof(int64_t);
   return bench::cuda_median_ms(
       args, [&](cudaStream_t stream) { d2f::unmask_cuda(p, stream); },

@@ -60,11 +60,15 @@ struct StoreKVParams {
 enum class Confidence : int32_t { kProbability = 0, kMargin = 1, kNegEntropy = 2 };
 
 // Confidence-threshold unmasking over one forward's logits.
-// For every window position w of row b with tokens[b, w] == mask_id and block_ids[b, w] >= 0:
+// For every window position w of row b with tokens[b, w] == mask_id and 0 <= block_ids[b, w] < NB
+// (other ids, -1 = padding, are skipped):
 //   row = prev_logits ? (w == 0 ? prev_logits[b] : logits[b, w - 1]) : logits[b, w]
-//   temperature == 0: token = argmax(row) (lowest index on ties), p = softmax(row)[token]
-//   temperature  > 0: token = argmax(row / T + gumbel(seed, b, w, v)), p = softmax(row / T)[token]
-//   confidence = p | top1 - top2 of softmax(row / T) | sum_v q_v * log(q_v + 1e-10)
+//   x = row (temperature 0) or row / T (IEEE float division), NaN read as -inf
+//   q_v = e_v / sum(e), e_v = x_v == max(x) ? 1 : exp(x_v - max(x)): the softmax, made total so
+//         that +inf logits share probability 1 evenly and a row of -inf only is uniform
+//   temperature == 0: token = argmax(x), temperature > 0: token = argmax(x + gumbel(seed, b, w, v));
+//         the mask id is never the token; ties go to the lowest index; p = q_token
+//   confidence = p | top1 - top2 of q | sum_v q_v * log(q_v + 1e-10); never NaN
 // Then per block: decode every masked position with p > threshold (strict); a block whose
 // fully_activated flag is set and that decodes nothing decodes its masked position of highest
 // confidence (lowest index on ties). Tokens are written in place.
@@ -89,10 +93,18 @@ struct UnmaskParams {
   Confidence confidence;
   uint64_t seed;
   DType dtype;  // of logits and prev_logits
+  // CUDA only: workspace of kUnmaskMaxSplits * kUnmaskPartialBytes bytes per (b, w), where the
+  // CTAs that split one position's vocabulary leave their partial reductions.
+  void* partials;
 };
+
+constexpr int kUnmaskMaxSplits = 32;
+constexpr int kUnmaskPartialBytes = 48;
 
 // Counter-based noise so that the CPU kernel, the CUDA kernel and the PyTorch reference draw
 // identical Gumbel noise: uniform u in (0, 1) from (seed, b, w, v), all in 32-bit arithmetic.
+// u has 24 significant bits, so it is exact in float32; the noise is -log(-log(u)) in float32
+// (each implementation's logf, within an ulp of the others).
 D2F_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
@@ -108,9 +120,13 @@ D2F_HOST_DEVICE inline uint32_t noise_key(uint64_t seed, uint32_t b, uint32_t w)
   return hash32(h ^ w);
 }
 
-D2F_HOST_DEVICE inline double noise_uniform(uint32_t key, uint32_t v) {
-  return (static_cast<double>(hash32(key ^ v) >> 8) + 0.5) * (1.0 / 16777216.0);
+D2F_HOST_DEVICE inline float noise_uniform(uint32_t key, uint32_t v) {
+  return (static_cast<float>(hash32(key ^ v) >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
+
+// The noise lies in [-log(-log(2^-24)), -log(-log(1 - 2^-24))] ~ [-2.82, 16.64]: a logit that
+// is kGumbelBound or more below the best score so far cannot win, and its noise is not computed.
+constexpr float kGumbelBound = 17.0f;
 
 // D2F block-state pipeline (../D2F-SPEC.md), one row of a batch.
 // Per row: rows[b, RowField]; per block: blocks[b, BlockField, NB] (field-major, so that one

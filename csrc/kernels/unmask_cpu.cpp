@@ -20,9 +20,6 @@ using namespace simd;
 
 constexpr int kChunk = 2048;  // floats per chunk: 8 KiB, stays in L1 across the chunk's passes
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Gumbel noise is at most -log(-log(u_max)) with u_max = 1 - 2^-25, i.e. about 17.33: a value
-// whose logit plus this bound cannot beat the best score so far needs no noise computed.
-constexpr double kGumbelBound = 17.5;
 
 // log for positive normal x, about 1 ulp.
 inline VecF log_pos(VecF x) {
@@ -71,16 +68,24 @@ struct F32 {
   static float load(const float* p, int i) { return p[i]; }
 };
 
-// Reads n values into buf (divided by T when T > 0, as the reference divides the float row)
-// and pads buf to a multiple of kLanes with -inf, which no reduction below notices.
+// A value as the rule in params.h reads it: NaN as -inf.
+inline float not_nan(float x) { return x != x ? kNegInf : x; }
+
+// e_v of the rule in params.h for x <= m: values equal to the max weigh 1, so that +inf maxima
+// (and a row of -inf only) are well defined; for x < m, x - m is never NaN.
+inline float weight(float x, float m) { return x == m ? 1.0f : exp_nonpos(x - m); }
+
+// Reads n values into buf (divided by T when T > 0, as the reference divides the float row;
+// NaN as -inf) and pads buf to a multiple of kLanes with -inf, which no reduction below notices
+// (sums over a non-finite max count the n values themselves).
 template <class E, class T>
 inline int load_chunk(const T* src, int n, float temperature, float* buf) {
   if (temperature > 0.0f) {
 #pragma omp simd
-    for (int i = 0; i < n; ++i) buf[i] = E::load(src, i) / temperature;
+    for (int i = 0; i < n; ++i) buf[i] = not_nan(E::load(src, i) / temperature);
   } else {
 #pragma omp simd
-    for (int i = 0; i < n; ++i) buf[i] = E::load(src, i);
+    for (int i = 0; i < n; ++i) buf[i] = not_nan(E::load(src, i));
   }
   const int padded = (n + kLanes - 1) / kLanes * kLanes;
   for (int i = n; i < padded; ++i) buf[i] = kNegInf;
@@ -90,6 +95,7 @@ inline int load_chunk(const T* src, int n, float temperature, float* buf) {
 struct RowResult {
   int64_t token;
   float p, conf;
+  float m, s;  // the row's max and sum of weights
 };
 
 template <class E, class T>
@@ -102,8 +108,8 @@ inline __attribute__((always_inline)) RowResult row_stats(const T* row, int voca
   int64_t arg = 0;
   // Per-lane largest and second largest (duplicates count twice) for the margin.
   VecF top1 = splat(kNegInf), top2 = splat(kNegInf);
-  double best = -std::numeric_limits<double>::infinity();
-  int64_t sampled = 0;
+  float best = kNegInf;
+  int64_t sampled = -1;
   float sampled_x = kNegInf;
 
   for (int c0 = 0; c0 < vocab; c0 += kChunk) {
@@ -126,31 +132,35 @@ inline __attribute__((always_inline)) RowResult row_stats(const T* row, int voca
       int i = 0;
       while (buf[i] != cmax) ++i;
       arg = c0 + i;
-      s *= exp_nonpos(m - cmax);
+      s *= exp_nonpos(m - cmax);  // m < cmax: the exponent is never NaN
       m = cmax;
     }
-    if (m > kNegInf) {
+    if (std::isfinite(m)) {
       VecF acc = splat(0.0f);
       for (int i = 0; i < padded; i += kLanes) acc += exp_nonpos(load(buf + i) - m);
       s += lane_sum(acc);
+    } else {  // +inf or -inf max: the values equal to it weigh 1, all others 0
+      for (int i = 0; i < n; ++i) s += buf[i] == m ? 1.0f : 0.0f;
     }
-    if (sample && static_cast<double>(cmax) + kGumbelBound > best) {
+    if (sample && (sampled < 0 || cmax + kGumbelBound > best)) {
       for (int i = 0; i < n; ++i) {
-        const double x = buf[i];
-        if (x + kGumbelBound <= best) continue;
-        const double score = x + -std::log(-std::log(noise_uniform(key, static_cast<uint32_t>(c0 + i))));
-        if (score > best) {
+        const float x = buf[i];
+        if (sampled >= 0 && x + kGumbelBound <= best) continue;
+        const float score = x + -std::log(-std::log(noise_uniform(key, static_cast<uint32_t>(c0 + i))));
+        if (sampled < 0 || score > best) {  // strict: the lowest index wins ties
           best = score;
           sampled = c0 + i;
-          sampled_x = buf[i];
+          sampled_x = x;
         }
       }
     }
   }
 
   RowResult r;
+  r.m = m;
+  r.s = s;
   r.token = sample ? sampled : arg;
-  r.p = (sample ? exp_nonpos(sampled_x - m) : 1.0f) / s;
+  r.p = (sample ? weight(sampled_x, m) : 1.0f) / s;
   if (kind == Confidence::kProbability) {
     r.conf = r.p;
   } else if (margin) {
@@ -165,8 +175,8 @@ inline __attribute__((always_inline)) RowResult row_stats(const T* row, int voca
         }
       }
     }
-    r.conf = exp_nonpos(a - m) / s - exp_nonpos(b - m) / s;
-  } else {
+    r.conf = weight(a, m) / s - weight(b, m) / s;
+  } else if (std::isfinite(m)) {
     const float inv_s = 1.0f / s;
     VecF acc = splat(0.0f);
     for (int c0 = 0; c0 < vocab; c0 += kChunk) {
@@ -176,8 +186,18 @@ inline __attribute__((always_inline)) RowResult row_stats(const T* row, int voca
         acc += q * log_pos(q + 1e-10f);
       }
     }
-    const float e = lane_sum(acc);
-    r.conf = e;
+    r.conf = lane_sum(acc);
+  } else {  // rare (an infinite max): the -inf padding would count as weight-1 values here
+    float acc = 0.0f;
+    for (int c0 = 0; c0 < vocab; c0 += kChunk) {
+      const int n = std::min(kChunk, vocab - c0);
+      load_chunk<E>(row + c0, n, temperature, buf);
+      for (int i = 0; i < n; ++i) {
+        const float q = weight(buf[i], m) / s;
+        acc += q * std::log(q + 1e-10f);
+      }
+    }
+    r.conf = acc;
   }
   return r;
 }
@@ -209,30 +229,29 @@ float logit_at(const UnmaskParams& p, const char* row, int64_t v) {
     case DType::kBFloat16: x = Bf16::load(reinterpret_cast<const uint16_t*>(row), static_cast<int>(v)); break;
     default: x = F16::load(reinterpret_cast<const uint16_t*>(row), static_cast<int>(v)); break;
   }
-  return p.temperature > 0.0f ? x / p.temperature : x;
+  return not_nan(p.temperature > 0.0f ? x / p.temperature : x);
 }
 
 // The mask token is never a decoded token (a position that "decodes" to it would stay masked and
-// the block could never finish), so when it wins, the best other token is taken instead. Its
-// probability keeps the full softmax's denominator: p_new = p_mask * exp(x_new - x_mask). This
-// path is rare (a trained model hardly ever predicts [MASK]) and therefore scalar.
+// the block could never finish), so when it wins, the best other token is taken instead, with
+// its probability under the full softmax. This path is rare (a trained model hardly ever
+// predicts [MASK]) and therefore scalar.
 void exclude_mask(const UnmaskParams& p, const char* row, uint32_t key, RowResult& r) {
   const bool sample = p.temperature > 0.0f;
-  double best = -std::numeric_limits<double>::infinity();
+  float best = kNegInf;
   int64_t tok = -1;
   for (int64_t v = 0; v < p.vocab; ++v) {
     if (v == p.mask_id) continue;
-    const double x = logit_at(p, row, v);
-    const double score = sample ? x - std::log(-std::log(noise_uniform(key, static_cast<uint32_t>(v)))) : x;
-    if (score > best) {  // strict: the lowest index wins ties
+    const float x = logit_at(p, row, v);
+    const float score = sample ? x + -std::log(-std::log(noise_uniform(key, static_cast<uint32_t>(v)))) : x;
+    if (tok < 0 || score > best) {  // strict: the lowest index wins ties
       best = score;
       tok = v;
     }
   }
   if (tok < 0) return;  // a vocabulary of the mask token alone: nothing else to pick
-  const float scale = std::exp(logit_at(p, row, tok) - logit_at(p, row, p.mask_id));
-  if (p.confidence == Confidence::kProbability) r.conf = r.p * scale;
-  r.p *= scale;
+  r.p = weight(logit_at(p, row, tok), r.m) / r.s;
+  if (p.confidence == Confidence::kProbability) r.conf = r.p;
   r.token = tok;
 }
 
@@ -290,7 +309,8 @@ void unmask_cpu(const UnmaskParams& p) {
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t i = 0; i < positions; ++i) {
     const int b = static_cast<int>(i / p.window), w = static_cast<int>(i % p.window);
-    if (p.tokens[i] != p.mask_id || p.block_ids[i] < 0) {
+    // Ids past num_blocks (which only the op's value checks reject) are skipped as padding.
+    if (p.tokens[i] != p.mask_id || p.block_ids[i] < 0 || p.block_ids[i] >= p.num_blocks) {
       p.cand_token[i] = -1;
       continue;
     }

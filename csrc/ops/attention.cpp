@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels/kernels.h"
+#include "ops/bounds.h"
 #include "ops/checks.h"
 
 #if defined(D2F_WITH_CUDA)
@@ -66,7 +67,7 @@ void check_block_ids(const char* op, const at::Tensor& block_ids, const at::Tens
   check_size(op, "block_ids", block_ids, 0, B, "the batch size");
   check_size(op, "block_ids", block_ids, 1, W, "the window length");
   check_contiguous(op, "block_ids", block_ids);
-  if (!host_checkable(block_ids)) return;
+  if (!value_checks_on(block_ids)) return;
   at::Tensor host = block_ids.cpu();
   const int32_t* bid = host.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -134,7 +135,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
   at::Tensor out = at::empty({B, W, H, D}, q.options());
   if (out.numel() == 0) return out;
-  const at::Tensor lens = cache_lens.contiguous();
+  const bounds::CacheIndex index = q.is_cuda() ? bounds::CacheIndex{cache_lens.contiguous(), rows}
+                                               : bounds::clamp_cache_index_cpu(cache_lens, rows, S, Bc);
   AttentionParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -144,8 +146,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
-  p.cache_lens = lens.data_ptr<int32_t>();
-  p.cache_rows = rows ? rows->data_ptr<int32_t>() : nullptr;
+  p.cache_lens = index.lens.data_ptr<int32_t>();
+  p.cache_rows = index.rows ? index.rows->data_ptr<int32_t>() : nullptr;
   p.block_ids = block_ids.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.batch = checked_int(op, "B", B), p.window = checked_int(op, "W", W), p.heads = checked_int(op, "H", H);
@@ -212,7 +214,9 @@ void store_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   const std::optional<at::Tensor> rows = check_cache_rows(op, cache_rows, k, B, Bc);
   if (B == 0 || W == 0 || Hkv == 0 || D == 0) return;
 
-  const at::Tensor lens_d = cache_lens.contiguous(), start_d = src_start.contiguous(), len_d = src_len.contiguous();
+  const bounds::StoreSpans spans =
+      k.is_cuda() ? bounds::StoreSpans{cache_lens.contiguous(), src_start.contiguous(), src_len.contiguous()}
+                  : bounds::clip_store_spans_cpu(cache_lens, src_start, src_len, rows, W, S, Bc);
   StoreKVParams p{};
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -220,10 +224,10 @@ void store_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
-  p.cache_lens = lens_d.data_ptr<int32_t>();
+  p.cache_lens = spans.lens.data_ptr<int32_t>();
   p.cache_rows = rows ? rows->data_ptr<int32_t>() : nullptr;
-  p.src_start = start_d.data_ptr<int32_t>();
-  p.src_len = len_d.data_ptr<int32_t>();
+  p.src_start = spans.start.data_ptr<int32_t>();
+  p.src_len = spans.len.data_ptr<int32_t>();
   p.batch = checked_int(op, "B", B), p.window = checked_int(op, "W", W), p.kv_heads = checked_int(op, "Hkv", Hkv);
   p.head_dim = checked_int(op, "D", D), p.cache_capacity = checked_int(op, "S", S);
   p.cache_batch = checked_int(op, "Bc", Bc);

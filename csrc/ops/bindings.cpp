@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "ops/checks.h"
+
 extern "C" {
 // Importing d2f_ext._C runs the static registrations below; the module itself is empty.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -30,6 +32,11 @@ std::string build_info() {
   return info;
 }
 
+// Returns the previous setting, so that a caller can restore it.
+bool set_debug_checks(bool on) { return d2f::checks::debug_checks_flag().exchange(on); }
+
+bool debug_checks() { return d2f::checks::debug_checks_flag().load(); }
+
 }  // namespace
 
 TORCH_LIBRARY(d2f_ext, m) {
@@ -47,4 +54,6 @@ TORCH_LIBRARY(d2f_ext, m) {
       "pipeline_step(Tensor(a!) rows, Tensor(b!) blocks, Tensor counts, Tensor eos_block, "
       "int block_size, float add_threshold, float activate_threshold) -> ()");
   m.def("build_info() -> str", &build_info);
+  m.def("set_debug_checks(bool on) -> bool", &set_debug_checks);
+  m.def("debug_checks() -> bool", &debug_checks);
 }

@@ -3,6 +3,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -59,25 +62,37 @@ inline void check_size(const char* op, const char* name, const at::Tensor& t, in
               "), got ", t.size(dim));
 }
 
-// Whether the values of `t` may be read on the host: always on the CPU; on CUDA only outside
-// CUDA-graph capture, where the copy would synchronise and break the capture. The CUDA kernels
-// stay in bounds for any index values, so a captured decode step runs safely without these checks
-// (the eager run before capture has made them).
-inline bool host_checkable(const at::Tensor& t) {
+// Debug mode: the value checks below (ids and lengths in range) read index tensors on the host,
+// one device-to-host sync each on CUDA, about 200 per forward of an 8B model; so they run only
+// when asked for (set_debug_checks, or D2F_EXT_DEBUG_CHECKS=1 in the environment of the process).
+// Without them the kernels still stay in bounds: each op documents how it clamps or skips
+// out-of-range values (d2f_ext/ops.py), and d2f_ext.reference follows the same rule.
+inline std::atomic<bool>& debug_checks_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("D2F_EXT_DEBUG_CHECKS");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }()};
+  return flag;
+}
+
+// Whether the values of `t` are checked: in debug mode only, and on CUDA only outside CUDA-graph
+// capture, where the host copy would synchronise and break the capture.
+inline bool value_checks_on(const at::Tensor& t) {
+  if (!debug_checks_flag().load(std::memory_order_relaxed)) return false;
 #if defined(D2F_WITH_CUDA)
   if (t.is_cuda()) return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 #endif
   return true;
 }
 
-// 1-D int32 tensor of `len` values, all in [lo, hi]. Where host_checkable, the values are read
-// on the host (one small copy for CUDA tensors) and returned for further checks; else nullopt.
+// 1-D int32 tensor of `len` values; in debug mode (value_checks_on) also all in [lo, hi], and
+// then the values read on the host are returned for further checks; else nullopt.
 inline std::optional<at::Tensor> check_int_range(const char* op, const char* name, const at::Tensor& t,
                                                  int64_t len, int64_t lo, int64_t hi) {
   check_dim(op, name, t, 1, "[B]");
   check_dtype(op, name, t, {at::kInt});
   check_size(op, name, t, 0, len, "the batch size");
-  if (!host_checkable(t)) return std::nullopt;
+  if (!value_checks_on(t)) return std::nullopt;
   at::Tensor host = t.cpu();
   if (len > 0) {
     const int64_t mn = host.min().item<int64_t>(), mx = host.max().item<int64_t>();

@@ -10,6 +10,7 @@
 
 #if defined(D2F_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -64,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
               "unmask: temperature must be finite and >= 0, got ", temperature);
   TORCH_CHECK(confidence >= 0 && confidence <= 2,
               "unmask: confidence must be 0 (probability), 1 (margin) or 2 (neg_entropy), got ", confidence);
-  if (block_ids.numel() > 0 && C::host_checkable(block_ids)) {
-    // The CUDA kernels treat ids past NB as padding, so skipping this under capture is safe.
+  if (block_ids.numel() > 0 && C::value_checks_on(block_ids)) {
+    // Outside debug mode the kernels skip positions whose id is outside [0, NB), as padding.
     const auto [lo, hi] = at::aminmax(block_ids);
     const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
     TORCH_CHECK(lo_v >= -1 && hi_v < NB, "unmask: block_ids must be in [-1, NB = ", NB,
@@ -112,7 +113,11 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
   } else {
 #if defined(D2F_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(logits.device());
+    const at::Tensor partials =
+        at::empty({B * W * d2f::kUnmaskMaxSplits * d2f::kUnmaskPartialBytes}, logits.options().dtype(at::kByte));
+    p.partials = partials.data_ptr();
     d2f::unmask_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     TORCH_CHECK(false, "unmask: logits on ", logits.device(), " but d2f_ext was built without CUDA");
 #endif
