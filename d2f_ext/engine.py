@@ -203,14 +203,11 @@ class Engine:
             live = [r for r in active if not plan[r.slot]]
             if live:
                 slots = torch.tensor([r.slot for r in live], device=self.device)
-                plan_live = self.rows[slots][:, [L.WIN_LEN, L.COMMIT_LEN]].cpu()
-                W = int(plan_live[:, 0].max())
-                sampled = self._sampled(live)
-                reads = W if sampled is not None else int((plan_live[:, 0] - plan_live[:, 1]).max())
+                W = int(self.rows[slots, L.WIN_LEN].max())
                 local, n = {r.slot: i for i, r in enumerate(live)}, len(live)
                 unmask_groups, pipeline_groups = self._groups(live)
-                self._forward(slots, W, reads, _localise(unmask_groups, local, n, self.device),
-                              _localise(pipeline_groups, local, n, self.device), sampled)
+                self._forward(slots, W, None, _localise(unmask_groups, local, n, self.device),
+                              _localise(pipeline_groups, local, n, self.device), self._sampled(live))
                 for r in live:
                     r.steps += 1
         return self._collect(active)
@@ -288,7 +285,7 @@ class Engine:
 
         W = width(int(plan[:, 1].max()))
         sampled = self._sampled(live, at_slots=True)
-        reads = W if sampled is not None else min(width(int((plan[:, 1] - plan[:, 2]).max())), W)
+        reads = W if sampled is not None else min(max(width(int((plan[:, 1] - plan[:, 2]).max())), 1), W)
         slots, B = {r.slot: r.slot for r in live}, len(self.slots)
         unmask_groups, pipeline_groups = self._groups(live)
         ug = _localise(unmask_groups, slots, B, self.device)
@@ -335,13 +332,13 @@ class Engine:
                 flags[r.slot] = r.cfg.temperature > 0
         return torch.tensor(flags, device=self.device)
 
-    def _forward(self, live: Optional[torch.Tensor], W: int, reads: int, unmask_groups, pipeline_groups,
-                 sampled: Optional[torch.Tensor] = None) -> None:
+    def _forward(self, live: Optional[torch.Tensor], W: int, reads: Optional[int], unmask_groups,
+                 pipeline_groups, sampled: Optional[torch.Tensor] = None) -> None:
         """One forward over windows of width W (>= every planned WIN_LEN) of the rows ``live``
-        (compact) or of every row (static), the head on ``reads`` positions of each row from the
-        end of its committed span (no earlier position is masked; a ``sampled`` row's from the
-        window start, as its noise is keyed by window position), unmask, and the state update.
-        Groups: (row indices within the step's batch, requests); no host sync."""
+        (compact) or of every row (static), the output head on ``reads`` (>= any row's masked
+        positions; None: counted here, a host sync) positions of each row, unmask, and the
+        state update. Groups: (row indices within the step's batch, requests). ``sampled``:
+        bool per row, None when no row samples."""
         mc, S = self.model.config, self.max_len
         rows = self.rows if live is None else self.rows[live]
         blocks = self.blocks if live is None else self.blocks[live]
@@ -353,23 +350,37 @@ class Engine:
         tokens = seq.gather(1, torch.where(block_ids >= 0, pos, S).long())
         hidden = self.model.window_hidden(tokens, pos.long(), block_ids, self.cache, win_start, commit,
                                           cache_rows=None if live is None else live.to(torch.int32))
-        # The positions unmask reads; Dream predicts position p from the output at p - 1.
+        # The head runs on the masked positions only (in position order, so unmask's ties and
+        # forced picks are unchanged), plus for Dream the committed span's last position, whose
+        # logits predict the next window's first. A sampled row's noise is keyed by window
+        # position, so a batch with one reads whole windows.
+        ar = torch.arange(W, device=self.device)
+        if sampled is not None:
+            reads = W
+            read = ar.expand(rows.shape[0], W)
+            inside = block_ids >= 0
+        else:
+            masked = (tokens == mc.mask_token_id) & (block_ids >= 0)
+            n = masked.sum(1)
+            if reads is None:  # compact steps may size it on the host
+                reads = max(int(n.max()), 1)
+            read = torch.sort((~masked).to(torch.int8), dim=1, stable=True).indices[:, :reads]
+            inside = ar[:reads] < n[:, None]
         shift = 1 if mc.logit_shift else 0
-        start = commit if sampled is None else torch.where(sampled, 0, commit)
-        read = (start[:, None] + torch.arange(reads, device=self.device, dtype=torch.int32)).long()
-        inside = read < rows[:, L.WIN_LEN, None]
-        src = (read - shift).clamp(0, W - 1)
+        src = (read - shift).clamp(min=0)
+        if shift:
+            src = torch.cat([src, (commit.long() - 1).clamp(min=0)[:, None]], 1)
         logits = self.model.head(hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1])))
         if shift:
-            # The window's first position's logits are the last cached position's, saved by the
-            # forward that cached it; any later position's this forward just made.
             prev = self.prev_logits if live is None else self.prev_logits[live]
-            logits[:, 0] = torch.where((start == 0)[:, None], prev.to(logits.dtype), logits[:, 0])
-        at = read.clamp(max=W - 1)
-        read_tokens = tokens.gather(1, at)
-        read_ids = block_ids.gather(1, at).masked_fill(~inside, -1)
+            carried = torch.where((commit > 0)[:, None], logits[:, reads], prev.to(logits.dtype))
+            logits = logits[:, :reads]
+            # Window position 0 (first in the read order when it is read) predicts from the last
+            # cached position, saved by the forward that cached it.
+            logits[:, 0] = torch.where((read[:, 0] == 0)[:, None], prev.to(logits.dtype), logits[:, 0])
+        read_tokens = tokens.gather(1, read)
+        read_ids = block_ids.gather(1, read).masked_fill(~inside, -1)
         full = blocks[:, L.FULL]
-        NB = blocks.shape[2]
         NB = blocks.shape[2]
         if len(unmask_groups) == 1 and unmask_groups[0][0] is None:
             counts, eos_block = self._unmask(logits, read_tokens, read_ids, full, unmask_groups[0][1][0])
@@ -385,10 +396,6 @@ class Engine:
         if live is not None:
             self.seq[live] = seq
         if shift:
-            # The committed span's last position predicts the next window's first (with nothing
-            # committed that is the carried row itself, at read index 0).
-            last = (commit - start).long().clamp(0, reads - 1)
-            carried = logits[torch.arange(logits.shape[0], device=self.device), last]
             if live is None:
                 self.prev_logits.copy_(carried)
             else:

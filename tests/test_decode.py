@@ -8,7 +8,7 @@ import torch
 from d2f_ext import D2FConfig, ops, reference
 from d2f_ext import layout as L
 from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode
-from d2f_ext.decoding.d2f import _Decode
+from d2f_ext.engine import Engine, EngineConfig, _localise
 from d2f_ext.models import load_model
 
 
@@ -246,22 +246,27 @@ def test_eager_static_step_never_syncs(tiny_checkpoint, arch):
         pytest.skip("no CUDA device")
     model = load_model(tiny_checkpoint(arch, seed=3), device="cuda")
     cfg = CONFIGS[0]
-    d = _Decode(model, _prompts(model, 3, seed=5), cfg, model.config.eos_token_id)
-    width = int(d.pipe.rows[:, L.WIN_LEN].max())
+    engine = Engine(model, EngineConfig(max_batch=3, max_len=64, block_size=cfg.block_size, static=True,
+                                        cuda_graphs=False))
+    live = [engine.add_request(p, cfg) for p in _prompts(model, 3, seed=5)]
+    engine.step()  # admission and the prompts' step (host reads allowed); initialises what is lazy
+    live = [r for r in live if not r.finished]
+    unmask_groups, pipeline_groups = (_localise(g, {r.slot: r.slot for r in live}, 3, engine.device)
+                                      for g in engine._groups(live))
+    forwards = engine.rows[:, L.FORWARDS].clone()
     previous = ops.set_debug_checks(False)
     try:
-        with torch.inference_mode():  # as d2f_decode runs its steps
-            d.step(width)  # the first step initialises what is lazy (cuBLAS handles, Dream's logits)
+        with torch.inference_mode():  # as the engine runs its steps
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
-            try:
-                d.step(min(width + cfg.block_size, d.seq_len))  # a window grows by a block a step at most
+            try:  # a fixed-shape step as the engine runs it between host syncs
+                engine._forward(None, engine.max_len, engine.max_len, unmask_groups, pipeline_groups)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     finally:
         ops.set_debug_checks(previous)
     torch.cuda.synchronize()
-    assert d.steps == 2
+    assert bool((engine.rows[:, L.FORWARDS] > forwards).any())
 
 
 @pytest.mark.parametrize("kwargs, match", [
