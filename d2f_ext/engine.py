@@ -451,6 +451,20 @@ class Engine:
                 outputs.append(StepOutput(r, new))
         return outputs
 
+def engine_for(model, block_size: int, batch: int, length: int, **options) -> Engine:
+    """The model's engine, built anew only when this call needs a different block size or
+    step driving, or more rows or positions than it has."""
+    e = getattr(model, "d2f_engine", None)
+    want = EngineConfig(max_batch=batch, max_len=length, block_size=block_size, **options)
+    if e is not None and e.config.block_size == block_size and e.config.max_batch >= batch and \
+            e.max_len >= length and all(getattr(e.config, k) == v for k, v in options.items()):
+        return e
+    if e is not None and e.config.block_size == block_size:  # grow, keeping what it had
+        want = dataclasses.replace(want, max_batch=max(batch, e.config.max_batch), max_len=max(length, e.max_len))
+    model.d2f_engine = Engine(model, want)
+    return model.d2f_engine
+
+
 def first_stop(tokens: list[int], stop: Sequence[str], tokenizer, start: int = 0):
     """(n, the stop string) for the shortest prefix ``tokens[:n]``, n > start, whose text holds a
     stop string, or None. A prefix's text only grows with n, hence the bisection."""

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 from .config import D2FConfig
 from .decoding import DECODERS, decode
 from .decoding.common import split_padded
-from .engine import Engine, EngineConfig, first_stop
+from .engine import engine_for, first_stop
 
 _D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
 _ENGINE_DECODERS = ("d2f", "fast-dllm")
@@ -47,20 +47,6 @@ def merged_generation_config(model, generation_config=None):
     merged = copy.deepcopy(base)
     merged.update(**given)
     return merged
-
-
-def engine_for(model, block_size: int, batch: int, length: int, **options) -> Engine:
-    """The model's engine, built anew only when this call needs a different block size or
-    step driving, or more rows or positions than it has."""
-    e = getattr(model, "d2f_engine", None)
-    want = EngineConfig(max_batch=batch, max_len=length, block_size=block_size, **options)
-    if e is not None and e.config.block_size == block_size and e.config.max_batch >= batch and \
-            e.max_len >= length and all(getattr(e.config, k) == v for k, v in options.items()):
-        return e
-    if e is not None and e.config.block_size == block_size:  # grow, keeping what it had
-        want = dataclasses.replace(want, max_batch=max(batch, e.config.max_batch), max_len=max(length, e.max_len))
-    model.d2f_engine = Engine(model, want)
-    return model.d2f_engine
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import D2FConfig
+from ..engine import engine_for
 from .common import DecodeOutput
 
 
@@ -20,8 +21,6 @@ def d2f_decode(model, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *, eos_i
     static / sync_every / cuda_graphs: how the engine drives its steps (see
     :class:`d2f_ext.engine.EngineConfig`; cuda_graphs replays greedy static steps on CUDA).
     """
-    from ..generate import engine_for  # the model's engine lives with generate's
-
     length = max((len(p) for p in prompts), default=1) + cfg.max_new_tokens
     engine = engine_for(model, cfg.block_size, max(len(prompts), 1), length, static=static,
                         sync_every=sync_every, cuda_graphs=cuda_graphs)
