@@ -207,13 +207,17 @@ def test_attention_kernel_from_environment():
     """D2F_EXT_ATTENTION picks the kernel of calls that name none; a bad value is an error."""
     code = ("import torch; from d2f_ext import ops; z = torch.zeros(1, 1, 1, 8); "
             "ops.attention(z, z, z, z, z, torch.zeros(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32))")
-    env = dict(os.environ, D2F_EXT_ATTENTION="tensor",
-               PYTHONPATH=str(pathlib.Path(ops.__file__).parent.parent))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # Run in the folder holding the d2f_ext under test: `python -c` puts its working directory first
+    # on the path, where a source tree without the built _C would shadow it.
+    home = str(pathlib.Path(ops.__file__).parent.parent)
+    env = dict(os.environ, D2F_EXT_ATTENTION="tensor", PYTHONPATH=home)
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=home, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode != 0
     assert 'the D2F_EXT_ATTENTION environment variable must be "simt" or "mma", got "tensor"' in run.stderr
     env["D2F_EXT_ATTENTION"] = "mma"
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=home, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
 
 

@@ -163,7 +163,7 @@ def test_bad_model_args_are_one_line_before_any_model_work(tmp_path, no_model_lo
     _fails(f"pretrained={SHIPPED},skip_threshold=1.5", "skip_threshold", "[0, 1]")
     _fails(f"pretrained={SHIPPED},block_add_threshold=-0.1", "block_add_threshold")
     _fails(f"pretrained={SHIPPED},decoder=beam", "decoder")
-    _fails(f"pretrained={SHIPPED},block_size=128", "max_new_tokens")  # the shipped 64 < one block
+    _fails(f"pretrained={SHIPPED},max_new_tokens=0", "max_new_tokens")
     _fails("block_size=16", "pretrained")
     bare = write_tiny_checkpoint(str(tmp_path / "bare"), tokenizer=False)
     _fails(f"pretrained={bare}", "no tokenizer files")
