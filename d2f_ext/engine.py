@@ -451,6 +451,7 @@ class Engine:
                 outputs.append(StepOutput(r, new))
         return outputs
 
+
 def engine_for(model, block_size: int, batch: int, length: int, **options) -> Engine:
     """The model's engine, built anew only when this call needs a different block size or
     step driving, or more rows or positions than it has."""
