@@ -189,9 +189,11 @@ class Engine:
 
     # --- decoding ---------------------------------------------------------------------------
 
+    @torch.no_grad()
     def step(self) -> list[StepOutput]:
         """Admit waiting requests into free rows, run one step (static: ``sync_every`` steps),
-        and return what became final, per request that has news or ended."""
+        and return what became final, per request that has news or ended. Inference only: the
+        output head, like the layers, runs without autograd."""
         admitted = self._admit()
         active = [r for r in self.slots if r is not None]
         if not active:

@@ -128,3 +128,14 @@ def test_bad_requests_name_the_argument(model):
     with pytest.raises(ValueError, match="max_batch"):
         EngineConfig(max_batch=0)
     assert engine.num_waiting == 0
+
+
+def test_steps_build_no_autograd_graph(model, monkeypatch):
+    """The output head runs outside the layers' no_grad: the step must not record a graph."""
+    engine = Engine(model, EngineConfig(max_batch=1, max_len=30, block_size=4))
+    engine.add_request([1, 2, 3], D2FConfig(block_size=4, max_new_tokens=8))
+    seen = []
+    inner = model.head
+    monkeypatch.setattr(model, "head", lambda h: seen.append(inner(h)) or seen[-1])
+    engine.step()
+    assert seen and not any(t.requires_grad for t in seen)
