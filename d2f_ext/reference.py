@@ -138,7 +138,7 @@ def unmask(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos
 
 
 def pipeline_step(rows, blocks, counts, eos_block, block_size, add_threshold, activate_threshold):
-    """One D2F state transition per row (see d2f_ext.layout and ../D2F-SPEC.md):
+    """One D2F state transition per row (see d2f_ext.layout and the spec steps in d2f_ext.pipeline):
     apply the last forward's decoded counts and EOS (spec step 6's bookkeeping), finish blocks
     (step 7), then plan the next forward: add (1), activate (2), done (3), window (4)."""
     NB = blocks.shape[2]

@@ -128,7 +128,7 @@ D2F_HOST_DEVICE inline float noise_uniform(uint32_t key, uint32_t v) {
 // is kGumbelBound or more below the best score so far cannot win, and its noise is not computed.
 constexpr float kGumbelBound = 17.0f;
 
-// D2F block-state pipeline (../D2F-SPEC.md), one row of a batch.
+// D2F block-state pipeline (the spec steps: d2f_ext/pipeline.py), one row of a batch.
 // Per row: rows[b, RowField]; per block: blocks[b, BlockField, NB] (field-major, so that one
 // field of all blocks, e.g. kFull, is a contiguous [NB] vector the unmask kernel reads).
 // Row coordinates are compact: block 0 is the row's real prompt (no padding) at [0, prompt_len),

@@ -1,5 +1,5 @@
-// One row's D2F block-state transition (../../D2F-SPEC.md), shared by the CPU loop and the CUDA
-// thread-per-row kernel so that both devices run the very same code. Mirrors
+// One row's D2F block-state transition (the D2F spec's steps 1-4 and 7), shared by the CPU loop
+// and the CUDA thread-per-row kernel so that both devices run the very same code. Mirrors
 // d2f_ext.reference.pipeline_step: apply the last forward's counts and EOS (step 6's
 // bookkeeping), finish blocks (7), then plan the next forward: add (1), activate (2), done (3),
 // window and commit span (4).
