@@ -57,9 +57,8 @@ def extension():
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension at import
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
-
     import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
     version = [f'-DD2F_TORCH_VERSION="{torch.__version__}"']
     sources = sorted(glob.glob("csrc/kernels/*.cpp") + glob.glob("csrc/ops/*.cpp"))
     cxx = ["-O3", "-fopenmp"] + version  # the C++ standard comes from torch (C++20 since 2.14)
@@ -86,21 +85,24 @@ def build_ext_cmdclass():
 
 EVAL = ["lm-eval>=0.4,<0.5", "accelerate"]  # d2f-eval
 SERVE = ["fastapi", "uvicorn"]  # d2f-serve
+RECIPE = ["peft", "tqdm", "matplotlib"]  # python -m d2f_recipe.*, d2f_bench.* (plots)
 
 setup(
     name="d2f_ext",
     version="0.1.0",
     description="Discrete Diffusion Forcing (D2F) decoding for LLaDA and Dream: kernels and engine",
-    packages=find_packages(include=["d2f_ext", "d2f_ext.*"]),
+    # The recipe and the benchmarks are packages too, so they import each other without path edits.
+    packages=find_packages(include=["d2f_ext", "d2f_ext.*"]) + ["d2f_recipe", "d2f_bench"],
+    package_dir={"d2f_recipe": "python/d2f_recipe", "d2f_bench": "python/d2f_bench"},
     package_data={"d2f_ext": ["assets/**/*", "evaluation/tasks/**/*"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "safetensors", "tokenizers", "transformers>=4.46",
-                      "peft", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "safetensors", "tokenizers", "transformers>=4.46"],
     extras_require={
         "serve": SERVE,
         # lm-evaluation-harness for d2f-eval; accelerate for `accelerate launch` data parallelism.
         "eval": EVAL,
-        "test": ["pytest", "hypothesis", "matplotlib", "expecttest", "openai"] + SERVE + EVAL,
+        "recipe": RECIPE,
+        "test": ["pytest", "hypothesis", "expecttest", "openai"] + SERVE + EVAL + RECIPE,
     },
     ext_modules=[extension()],
     cmdclass=build_ext_cmdclass(),

@@ -2,7 +2,7 @@
 # Everything worth running on a GPU machine, in one go, from the repository root:
 #     bash python/gpu_check.sh [OUT]        (OUT defaults to results/gpu)
 # Builds d2f_ext in place for sm_90 with every core, then: the selftest, the CUDA tests,
-# compute-sanitizer memcheck and racecheck over python/sanitize_ops.py, the kernel and step
+# compute-sanitizer memcheck and racecheck over d2f_bench.sanitize_ops, the kernel and step
 # benchmarks and the C++ microbenchmarks. Needs torch with CUDA, nvcc, pytest, cmake and ninja as
 # installed (no network). Each step is time-boxed so that the whole run ends within 8 minutes on
 # one H200; a failed step does not stop the others; logs and results go to OUT, and a summary of
@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 OUT=${1:-results/gpu}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the d2f_ext built here, not an installed copy
+# The d2f_ext built here (not an installed copy), and the benchmark package beside it.
+export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-470} ))
 SUMMARY=()
@@ -58,14 +59,14 @@ if step build 240 python setup.py build_ext --inplace; then
   if sanitizer_works; then
     # memcheck sees each tensor's own bounds only without the caching allocator.
     step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      compute-sanitizer --tool memcheck --error-exitcode 1 python python/sanitize_ops.py
-    step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 python python/sanitize_ops.py
+      compute-sanitizer --tool memcheck --error-exitcode 1 python -m d2f_bench.sanitize_ops
+    step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 python -m d2f_bench.sanitize_ops
   else
     echo "compute-sanitizer is absent or does not start (see sanitizer_probe.log): memcheck and racecheck skipped"
     SUMMARY+=("SKIP  memcheck, racecheck (no working compute-sanitizer)")
   fi
-  step bench_kernels 90 python python/bench_kernels.py --device cuda --out "$OUT/kernels"
-  step bench_step 60 python python/bench_step.py --device cuda --out "$OUT/step"
+  step bench_kernels 90 python -m d2f_bench.kernels --device cuda --out "$OUT/kernels"
+  step bench_step 60 python -m d2f_bench.step --device cuda --out "$OUT/step"
 else
   SUMMARY+=("SKIP  selftest, tests, sanitizers, python benchmarks (no build)")
 fi

@@ -51,7 +51,7 @@ def conformance_case(name: str) -> dict:
 @pytest.fixture(scope="session")
 def conformance_checkpoint(tmp_path_factory):
     """get(name) -> (folder, case): the case's model written as sharded safetensors, once."""
-    from d2f_ext.models.tiny import write_conformance_checkpoint
+    from d2f_bench.tiny import write_conformance_checkpoint
 
     built = {}
 
@@ -67,8 +67,8 @@ def conformance_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """get(arch, **options) -> folder: a tiny checkpoint (see models.tiny), once per options."""
-    from d2f_ext.models.tiny import write_tiny_checkpoint
+    """get(arch, **options) -> folder: a tiny checkpoint (see d2f_bench.tiny), once per options."""
+    from d2f_bench.tiny import write_tiny_checkpoint
 
     built = {}
 

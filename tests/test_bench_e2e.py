@@ -4,21 +4,16 @@ well-formed table, and its output check rejects malformed results."""
 import copy
 import json
 import math
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
-
-import bench_e2e  # noqa: E402
-import task_math  # noqa: E402
+from d2f_recipe import evaluate, task_math
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
-    payload = bench_e2e.main(["--smoke", "--out", str(out)])
+    payload = evaluate.main(["--smoke", "--out", str(out)])
     return out, payload
 
 
@@ -27,7 +22,7 @@ def test_smoke_writes_all_methods_with_consistent_numbers(smoke):
     with open(out / "e2e.json") as f:
         saved = json.load(f)
     rows = saved["methods"]
-    assert list(rows) == list(bench_e2e.METHODS)
+    assert list(rows) == list(evaluate.METHODS)
     problems = task_math.problems("test", 3, 0, saved["args"]["level"])
     for s in rows.values():
         recs = s["records"]
@@ -49,7 +44,7 @@ def test_smoke_writes_all_methods_with_consistent_numbers(smoke):
     assert all(r["forwards"] == saved["args"]["max_new_tokens"] for r in rows["teacher-vanilla"]["records"])
     assert all(r["forwards"] in (r["tokens"], r["tokens"] + 1) for r in rows["ar"]["records"])
     md = (out / "e2e.md").read_text().splitlines()
-    assert len(md) == 2 + len(bench_e2e.METHODS) and md[0].startswith("| method |")
+    assert len(md) == 2 + len(evaluate.METHODS) and md[0].startswith("| method |")
     assert (out / "e2e.png").stat().st_size > 0
 
 
@@ -58,7 +53,7 @@ def test_smoke_sweep_covers_the_grid(smoke):
     with open(out / "sweep.json") as f:
         sweep = json.load(f)["rows"]
     grid = {(s["skip_threshold"], s["block_add_threshold"]) for s in sweep}
-    assert grid == {(a, b) for a in bench_e2e.SWEEP_SKIP[:2] for b in bench_e2e.SWEEP_ADD[:2]}
+    assert grid == {(a, b) for a in evaluate.SWEEP_SKIP[:2] for b in evaluate.SWEEP_ADD[:2]}
     assert all(0 <= s["accuracy"] <= 1 and s["forwards_per_sequence"] >= 1 for s in sweep)
     assert (out / "sweep.png").stat().st_size > 0
     assert len((out / "sweep.md").read_text().splitlines()) == 2 + len(sweep)
@@ -74,15 +69,16 @@ def test_smoke_sweep_covers_the_grid(smoke):
 ])
 def test_check_rejects_malformed_results(smoke, breaks, message):
     _, payload = smoke
-    bench_e2e.check(payload)
+    evaluate.check(payload)
     bad = copy.deepcopy(payload)
     breaks(bad)
     with pytest.raises(ValueError, match=message):
-        bench_e2e.check(bad)
+        evaluate.check(bad)
 
 
 def test_accuracy_points_exact_at_the_target():
     row = dict(tokens_per_s=1.0)
-    r = bench_e2e.ratios({"d2f": {**row, "accuracy": 0.32}, "teacher-vanilla": {**row, "accuracy": 0.34},
+    r = evaluate.ratios({"d2f": {**row, "accuracy": 0.81}, "teacher-vanilla": {**row, "accuracy": 0.84},
                           "ar": {**row, "accuracy": 0.89}})
-    assert r["d2f_minus_vanilla_points"] == -2.0 and r["d2f_minus_ar_points"] == -57.0
+    assert r["d2f_minus_vanilla_points"] == -3.0 and r["d2f_minus_ar_points"] == -8.0
+    assert r["vanilla_minus_ar_points"] == -5.0

@@ -14,19 +14,15 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
-
-import bench_e2e  # noqa: E402
-import task_math  # noqa: E402
-import d2f_ext  # noqa: E402
-from d2f_ext import cli as generate_cli  # noqa: E402
-from d2f_ext.evaluation import PRESETS, TASKS_DIR  # noqa: E402
-from d2f_ext.evaluation import cli  # noqa: E402
-from d2f_ext.evaluation.filters import sanitize  # noqa: E402
-from d2f_ext.evaluation.model import D2FLM  # noqa: E402
-from d2f_ext.evaluation.presets import table  # noqa: E402
-from d2f_ext.models import load_model  # noqa: E402
-from d2f_ext.models.tiny import write_tiny_checkpoint  # noqa: E402
+import d2f_ext
+from d2f_bench.tiny import write_tiny_checkpoint
+from d2f_ext import cli as generate_cli
+from d2f_ext.evaluation import PRESETS, TASKS_DIR, cli
+from d2f_ext.evaluation.filters import sanitize
+from d2f_ext.evaluation.model import D2FLM
+from d2f_ext.evaluation.presets import table
+from d2f_ext.models import load_model
+from d2f_recipe import evaluate, task_math
 
 SHIPPED = generate_cli.DEFAULT_MODEL
 PROBLEMS = 6  # a handful: each takes well under a second on one CPU thread
@@ -64,14 +60,14 @@ def bench_scores():
     generation_config thresholds, block 16, max_new_tokens 64, batch 1."""
     a = argparse.Namespace(block_size=16, max_new_tokens=64, block_add_threshold=None,
                            decoded_token_threshold=None, skip_threshold=None)
-    cfg = bench_e2e.d2f_config(a, SHIPPED)
+    cfg = evaluate.d2f_config(a, SHIPPED)
     from transformers import AutoTokenizer
 
     student = load_model(SHIPPED).eval()
-    method = bench_e2e.Method(bench_e2e._diffusion(student, cfg, "d2f"),
+    method = evaluate.Method(evaluate._diffusion(student, cfg, "d2f"),
                               AutoTokenizer.from_pretrained(SHIPPED))
     problems = task_math.problems("test", PROBLEMS, seed=0, level="small")
-    return bench_e2e.evaluate({"d2f": method}, problems, "bench")["d2f"]
+    return evaluate.evaluate({"d2f": method}, problems, "bench")["d2f"]
 
 
 @pytest.fixture(scope="module")

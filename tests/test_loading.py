@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from d2f_bench.tiny import write_tiny_checkpoint
 from d2f_ext.models import CheckpointError, ModelConfig, load_adapter, load_model
-from d2f_ext.models.tiny import write_tiny_checkpoint
 
 
 def ids_for(model, length=10, seed=0):
@@ -257,8 +257,8 @@ def test_config_missing_key(arch, key, tmp_path):
 
 
 def test_config_llada_mask_default_and_unsupported():
-    from d2f_ext.models.tiny import _llada_config
-    cfg = _llada_config(130000, 126336, 126081, 128, 2, 2, 1, 256, 64, False)
+    from d2f_bench.tiny import llada_config
+    cfg = llada_config(130000, 126336, 126081, 128, 2, 2, 1, 256, 64, False)
     del cfg["mask_token_id"]
     assert ModelConfig.from_dict(cfg).mask_token_id == 126336
     cfg["alibi"] = True

@@ -8,15 +8,15 @@ import torch
 
 import d2f_ext.ops
 import d2f_ext.reference
+from d2f_bench.tiny import dream_config, llada_config
 from d2f_ext.models import KVCache, ModelConfig, model_for_config
-from d2f_ext.models.tiny import _dream_config, _llada_config
 
 ATTN = {"ops": d2f_ext.ops, "reference": d2f_ext.reference}
 
 
 def make_model(arch, seed=0, num_heads=4, num_kv_heads=None, tie=False, vocab=96):
     kv = num_kv_heads or (num_heads if arch == "llada" else 2)
-    make = _llada_config if arch == "llada" else _dream_config
+    make = llada_config if arch == "llada" else dream_config
     cfg = ModelConfig.from_dict(make(vocab, vocab - 1, vocab - 2, 64 * num_heads // 2, num_heads, kv,
                                      2, 96, 256, tie))
     torch.manual_seed(seed)

@@ -1,5 +1,5 @@
 """The user-facing checks run on the CPU: `python -m d2f_ext.selftest` and
-python/sanitize_ops.py (which python/gpu_check.sh runs under compute-sanitizer)."""
+d2f_bench.sanitize_ops (which python/gpu_check.sh runs under compute-sanitizer)."""
 
 import os
 import pathlib
@@ -13,7 +13,6 @@ from d2f_ext import ops, selftest
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_C, reason="d2f_ext._C not built")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = ("attention", "store_kv", "unmask", "pipeline_step")
 
 
@@ -43,8 +42,11 @@ def test_selftest_rejects_a_bad_device():
 
 
 def test_sanitize_ops_runs_on_cpu():
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(ops.__file__).resolve().parents[1]))
-    done = subprocess.run([sys.executable, str(ROOT / "python" / "sanitize_ops.py"), "--device", "cpu"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    import d2f_bench
+
+    where = [pathlib.Path(m.__file__).resolve().parents[1] for m in (ops, d2f_bench)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, where)))
+    done = subprocess.run([sys.executable, "-m", "d2f_bench.sanitize_ops", "--device", "cpu"],
+                          cwd=where[0], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("sanitize_ops: ok")

@@ -3,16 +3,13 @@
 
 import io
 import os
-import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-
-import task_math  # noqa: E402
-from d2f_ext import AutoD2FModel, cli  # noqa: E402
+from d2f_ext import AutoD2FModel, cli
+from d2f_recipe import task_math
 
 
 @pytest.fixture(scope="module")

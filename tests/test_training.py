@@ -3,23 +3,16 @@ a few steps of each training loop (the loss must fall), on tiny models."""
 
 import json
 import os
-import pathlib
 import statistics
-import sys
 import types
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
-
-import distill  # noqa: E402
-import task_math  # noqa: E402
-import train_ar  # noqa: E402
-import train_common as tc  # noqa: E402
-import train_teacher  # noqa: E402
-from d2f_ext import AutoD2FModel  # noqa: E402
-from d2f_ext.models import load_adapter, load_model  # noqa: E402
+from d2f_ext import AutoD2FModel
+from d2f_ext.models import load_adapter, load_model
+from d2f_recipe import adapt_ar, distill, task_math, train_ar, train_teacher
+from d2f_recipe import training as tc
 
 TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--batch", "8", "--train-size", "200",
         "--warmup", "3"]
@@ -340,13 +333,65 @@ def test_distill_full_finetune_loss_falls(teacher, tmp_path):
     assert (gc.block_size, gc.max_new_tokens) == (16, 64)
 
 
-def test_ar_loss_falls_and_loads(teacher, tmp_path):
+@pytest.fixture(scope="module")
+def ar(teacher, tmp_path_factory):
+    """(folder, losses) of a tiny AR baseline sharing the teacher's tokenizer."""
+    out = str(tmp_path_factory.mktemp("ar"))
+    losses = train_ar.main(["--out", out, "--tokenizer", teacher[0], "--steps", "40", "--lr", "3e-3", *TINY])
+    return out, losses
+
+
+def test_ar_loss_falls_and_loads(teacher, ar):
     from transformers import AutoModelForCausalLM
 
     folder, _ = teacher
-    out = str(tmp_path / "ar")
-    losses = train_ar.main(["--out", out, "--tokenizer", folder, "--steps", "40", "--lr", "3e-3", *TINY])
+    out, losses = ar
     assert fell(losses), losses
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 2)
     assert model.config.vocab_size == load_model(folder).config.vocab_size
+
+
+def test_adapted_model_under_a_causal_mask_is_the_ar_model(ar):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = ar
+    mask = AutoTokenizer.from_pretrained(folder).mask_token_id
+    dream = adapt_ar.dream_from_ar(folder, mask)
+    assert dream.config.arch == "dream" and dream.config.logit_shift
+    ids = _batch([5], [20], vocab=40).ids
+    causal = torch.arange(ids.shape[1], dtype=torch.int32)[None]
+    expected = AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits
+    torch.testing.assert_close(dream(ids, block_ids=causal), expected, atol=1e-4, rtol=1e-4)
+    # Bidirectional attention is a different model: the anneal has something to learn.
+    assert (dream(ids, block_ids=torch.zeros_like(causal)) - expected).abs().max() > 1e-3
+
+
+def test_anneal_goes_from_causal_to_bidirectional():
+    batch = _batch([3, 5], [9, 4])  # L = 12, the second row padded
+    first = adapt_ar.anneal_block_ids(batch, 0, 8)
+    assert first[0].tolist() == list(range(12))
+    assert first[1].tolist() == list(range(9)) + [-1] * 3
+    sizes = []
+    for step in range(8):
+        ids = adapt_ar.anneal_block_ids(batch, step, 8)[0]
+        sizes.append(int((ids == 0).sum()))
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] < 12
+    assert adapt_ar.anneal_block_ids(batch, 8, 8)[0].tolist() == [0] * 12
+    assert adapt_ar.anneal_block_ids(batch, 8, 8)[1].tolist() == [0] * 9 + [-1] * 3
+
+
+def test_adapt_loss_falls_and_gives_a_dream_teacher(ar, tmp_path):
+    folder, _ = ar
+    out = str(tmp_path / "adapted")
+    losses = adapt_ar.main(["--ar", folder, "--out", out, "--steps", "30", "--anneal", "10", "--batch", "8",
+                            "--train-size", "200", "--lr", "3e-3", "--warmup", "3"])
+    assert fell(losses), losses
+    model = load_model(out)
+    assert model.config.arch == "dream" and model.config.hidden_size == 32
+    assert AutoD2FModel.from_pretrained(out).tokenizer.mask_token_id == model.config.mask_token_id
+
+
+def test_adapt_rejects_a_bad_anneal(ar, tmp_path):
+    with pytest.raises(SystemExit):
+        adapt_ar.main(["--ar", ar[0], "--out", str(tmp_path / "x"), "--anneal", "-1"])

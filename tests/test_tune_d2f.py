@@ -4,16 +4,11 @@ student's other generation settings, which bench_e2e then decodes with."""
 import json
 import pathlib
 import re
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
-
-import bench_e2e  # noqa: E402
-import task_math  # noqa: E402
-import tune_d2f  # noqa: E402
+from d2f_recipe import evaluate, task_math, tune
 
 
 def _row(skip, acc, tpf, add=0.1):
@@ -22,29 +17,29 @@ def _row(skip, acc, tpf, add=0.1):
 
 def test_pick_is_the_most_parallel_setting_within_tolerance():
     rows = [_row(0.5, 0.28, 7.2), _row(0.7, 0.307, 5.9), _row(0.8, 0.31, 5.4), _row(0.9, 0.31, 4.7)]
-    assert tune_d2f.pick(rows, 1.0)["skip_threshold"] == 0.7
-    assert tune_d2f.pick(rows, 0.0)["skip_threshold"] == 0.8  # the most accurate, then most parallel
-    assert tune_d2f.pick(rows, 3.0)["skip_threshold"] == 0.5
+    assert tune.pick(rows, 1.0)["skip_threshold"] == 0.7
+    assert tune.pick(rows, 0.0)["skip_threshold"] == 0.8  # the most accurate, then most parallel
+    assert tune.pick(rows, 3.0)["skip_threshold"] == 0.5
     # Exactly at the tolerance is within it (0.31 - 0.30 in floating point is 0.010000000000000009).
-    assert tune_d2f.pick([_row(0.9, 0.31, 4.0), _row(0.6, 0.30, 6.0)], 1.0)["skip_threshold"] == 0.6
+    assert tune.pick([_row(0.9, 0.31, 4.0), _row(0.6, 0.30, 6.0)], 1.0)["skip_threshold"] == 0.6
     # Equal parallelism: the higher (safer) thresholds, skip first, then block-add.
-    assert tune_d2f.pick([_row(0.6, 0.3, 5.0), _row(0.9, 0.3, 5.0)], 1.0)["skip_threshold"] == 0.9
+    assert tune.pick([_row(0.6, 0.3, 5.0), _row(0.9, 0.3, 5.0)], 1.0)["skip_threshold"] == 0.9
     tied = [_row(0.7, 0.3, 5.0, add=0.5), _row(0.7, 0.3, 5.0, add=0.9), _row(0.7, 0.3, 5.0, add=0.1)]
-    assert tune_d2f.pick(tied, 1.0)["block_add_threshold"] == 0.9
+    assert tune.pick(tied, 1.0)["block_add_threshold"] == 0.9
     with pytest.raises(ValueError, match="tolerance"):
-        tune_d2f.pick(rows, -1.0)
+        tune.pick(rows, -1.0)
     with pytest.raises(ValueError, match="no settings"):
-        tune_d2f.pick([], 1.0)
+        tune.pick([], 1.0)
 
 
 def test_tune_writes_its_pick_and_bench_e2e_reads_it(tmp_path):
-    paths = bench_e2e.train_smoke(str(tmp_path))
+    paths = evaluate.train_smoke(str(tmp_path))
     student = paths["student"]
     config = pathlib.Path(student) / "generation_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token_id": 0}))  # kept as is
     before = json.loads(config.read_text())
     threads = torch.get_num_threads()
-    out = tune_d2f.main(["--student", student, "--teacher", paths["teacher"], "--after", "3", "--problems", "2",
+    out = tune.main(["--student", student, "--teacher", paths["teacher"], "--after", "3", "--problems", "2",
                          "--sweep-skip", "0.6,0.95", "--sweep-add", "0.1", "--threads", "1", "--write",
                          "--out", str(tmp_path / "tune")])
     van = out["teacher_vanilla"]
@@ -60,28 +55,28 @@ def test_tune_writes_its_pick_and_bench_e2e_reads_it(tmp_path):
     assert saved == {**before, "skip_threshold": out["pick"]["skip_threshold"], "block_add_threshold": 0.1}
     assert json.loads((tmp_path / "tune" / "tune.json").read_text())["pick"] == out["pick"]
     # bench_e2e's student settings: the saved thresholds, overridden by the flags given.
-    args = bench_e2e.parse_args(["--student", student, "--decoded-token-threshold", "0.8"])
-    cfg = bench_e2e.d2f_config(args, student)
+    args = evaluate.parse_args(["--student", student, "--decoded-token-threshold", "0.8"])
+    cfg = evaluate.d2f_config(args, student)
     assert (cfg.skip_threshold, cfg.block_add_threshold, cfg.decoded_token_threshold) == \
         (out["pick"]["skip_threshold"], 0.1, 0.8)
-    args = bench_e2e.parse_args(["--skip-threshold", "0.55"])
-    assert bench_e2e.d2f_config(args, student).skip_threshold == 0.55
-    assert bench_e2e.d2f_config(args, str(tmp_path)).decoded_token_threshold == 0.95  # no file: defaults
+    args = evaluate.parse_args(["--skip-threshold", "0.55"])
+    assert evaluate.d2f_config(args, student).skip_threshold == 0.55
+    assert evaluate.d2f_config(args, str(tmp_path)).decoded_token_threshold == 0.95  # no file: defaults
     # The Fast-dLLM baseline decodes with the teacher's settings, not the student's tuned ones.
-    args = bench_e2e.parse_args(["--teacher", paths["teacher"], "--student", student, "--ar", paths["ar"],
+    args = evaluate.parse_args(["--teacher", paths["teacher"], "--student", student, "--ar", paths["ar"],
                                  "--threads", "1"])
-    _, _, _, cfg, fast = bench_e2e.load_methods(args)
+    _, _, _, cfg, fast = evaluate.load_methods(args)
     assert cfg.skip_threshold == out["pick"]["skip_threshold"]
-    assert (fast.skip_threshold, fast.block_add_threshold) == (bench_e2e.D2FConfig().skip_threshold, 1.0)
+    assert (fast.skip_threshold, fast.block_add_threshold) == (evaluate.D2FConfig().skip_threshold, 1.0)
 
 
 @pytest.mark.parametrize("level", task_math.LEVELS)
 def test_validation_problems_follow_the_tables(level):
     table = task_math.problems("test", 100, 0, level)
-    validation = tune_d2f.validation_problems(100, 50, 0, level)
+    validation = tune.validation_problems(100, 50, 0, level)
     assert len(validation) == 50 and validation[0] != table[0]
     assert not {p.question for p in table} & {p.question for p in validation}
-    assert tune_d2f.validation_problems(0, 100, 0, level) == table
+    assert tune.validation_problems(0, 100, 0, level) == table
 
 
 @pytest.mark.parametrize("args, message", [
@@ -95,7 +90,7 @@ def test_validation_problems_follow_the_tables(level):
 ])
 def test_bad_arguments_name_themselves(args, message, capsys):
     with pytest.raises(SystemExit):
-        tune_d2f.parse_args(["--student", "s", *args])
+        tune.parse_args(["--student", "s", *args])
     assert re.search(message, capsys.readouterr().err)
 
 
@@ -107,10 +102,10 @@ def test_bad_arguments_name_themselves(args, message, capsys):
 ])
 def test_bench_e2e_bad_arguments_name_themselves(args, message, capsys):
     with pytest.raises(SystemExit):
-        bench_e2e.parse_args(args)
+        evaluate.parse_args(args)
     assert re.search(message, capsys.readouterr().err)
 
 
 def test_a_student_without_its_generation_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--student: .*block_size and max_new_tokens"):
-        tune_d2f.main(["--student", str(tmp_path), "--problems", "1"])
+        tune.main(["--student", str(tmp_path), "--problems", "1"])

@@ -1,5 +1,5 @@
 """Pick the D2F student's skip_threshold and block_add_threshold on validation problems and store
-them in its generation_config.json, the defaults of model.generate, d2f-generate and bench_e2e.
+them in its generation_config.json, the defaults of model.generate, d2f-generate and evaluate.
 
 The validation problems are the test split's problems after the first --after (default 100: the
 ones bench_e2e's table is measured on), so the table is never run on the problems it was tuned on.
@@ -7,7 +7,7 @@ The pick: among the grid's settings within --tolerance points of the most accura
 with the most tokens per forward (a count: the pick does not move with machine noise as tokens/s
 would; ties go to the higher thresholds, the safer ones: skip_threshold, then block_add_threshold).
 
-    python python/tune_d2f.py --student runs/student --write
+    python -m d2f_recipe.tune --student runs/student --write
 """
 
 from __future__ import annotations
@@ -15,19 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import d2f_ext  # noqa: E402,F401  (the installed package first, as in bench_e2e)
-import torch  # noqa: E402
-
-import bench_e2e  # noqa: E402
-import task_math  # noqa: E402
-import train_common as tc  # noqa: E402
-from bench_common import environment, torch_threads, write_json, write_markdown  # noqa: E402
-from d2f_ext import D2FConfig  # noqa: E402
-from d2f_ext.models import load_model  # noqa: E402
+from d2f_bench.common import environment, torch_threads, write_json, write_markdown
+from d2f_ext import D2FConfig
+from d2f_ext.models import load_model
+from d2f_recipe import evaluate, task_math
+from d2f_recipe import training as tc
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,15 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--problems", type=int, default=300, help="validation problems")
     p.add_argument("--seed", type=int, default=0, help="test-split seed (bench_e2e's)")
     task_math.add_level_arg(p)
-    p.add_argument("--sweep-skip", type=bench_e2e.thresholds, default=bench_e2e.SWEEP_SKIP)
-    p.add_argument("--sweep-add", type=bench_e2e.thresholds, default=bench_e2e.SWEEP_ADD)
+    p.add_argument("--sweep-skip", type=evaluate.thresholds, default=evaluate.SWEEP_SKIP)
+    p.add_argument("--sweep-add", type=evaluate.thresholds, default=evaluate.SWEEP_ADD)
     p.add_argument("--tolerance", type=float, default=1.0, help="accuracy points below the best still eligible")
     p.add_argument("--write", action="store_true", help="store the pick in the student's generation_config.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/tune")
     a = p.parse_args(argv)
-    bench_e2e.check_counts(p, a, problems=1, after=0, threads=1)
+    evaluate.check_counts(p, a, problems=1, after=0, threads=1)
     if a.tolerance < 0:
         p.error(f"--tolerance must be >= 0, got {a.tolerance}")
     return a
@@ -84,12 +77,12 @@ def _run(a) -> dict:
     gc = tc.read_generation_config(a.student)
     if not {"block_size", "max_new_tokens"} <= set(gc):
         raise ValueError(f"--student: {a.student}/generation_config.json must give block_size and "
-                         "max_new_tokens, the student's training blocks and canvas (distill.py writes them)")
+                         "max_new_tokens, the student's training blocks and canvas (distill writes them)")
     base = D2FConfig.from_generation_config(gc)
     problems = validation_problems(a.after, a.problems, a.seed, a.level)
     student = load_model(a.student, device=a.device).eval()
     tok = AutoTokenizer.from_pretrained(a.student)
-    rows = bench_e2e.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems)
+    rows = evaluate.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems)
     chosen = pick(rows, a.tolerance)
     for r in rows:
         mark = " <- pick" if r is chosen else ""
@@ -98,9 +91,9 @@ def _run(a) -> dict:
     reference = None
     if a.teacher:
         teacher = load_model(a.teacher, device=a.device).eval()
-        vanilla = bench_e2e.vanilla_method(teacher, AutoTokenizer.from_pretrained(a.teacher), base.max_new_tokens,
+        vanilla = evaluate.vanilla_method(teacher, AutoTokenizer.from_pretrained(a.teacher), base.max_new_tokens,
                                            base.block_size, base.max_new_tokens)
-        reference = bench_e2e.evaluate({"teacher-vanilla": vanilla}, problems, "teacher")["teacher-vanilla"]
+        reference = evaluate.evaluate({"teacher-vanilla": vanilla}, problems, "teacher")["teacher-vanilla"]
         reference = {k: v for k, v in reference.items() if k != "records"}
         print(f"teacher, vanilla: accuracy {reference['accuracy']:.3f}")
     payload = dict(env=environment(), args=vars(a), base=dataclasses.asdict(base), rows=rows, pick=chosen,

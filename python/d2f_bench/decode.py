@@ -6,7 +6,7 @@ For each decoder: generated tokens (before EOS), forwards, tokens per forward (T
 (generated tokens only), over the same prompts; decoders alternate prompt by prompt so that
 machine noise hits all alike. Prints a table, writes JSON and a plot.
 
-    python python/bench_decode.py [--arch llada] [--hidden 512 --layers 4] [--prompts 8] [--device cuda] [--out results/decode]
+    python -m d2f_bench.decode [--arch llada] [--hidden 512 --layers 4] [--prompts 8] [--device cuda] [--out results/decode]
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import time
 
 import torch
 
-from bench_common import environment, write_json, write_markdown
-
+from d2f_bench.common import environment, write_json, write_markdown
+from d2f_bench.tiny import write_tiny_checkpoint
 from d2f_ext import D2FConfig
 from d2f_ext.decoding import d2f_decode, decode
 from d2f_ext.models import load_model
-from d2f_ext.models.tiny import write_tiny_checkpoint
 
 
 def main():

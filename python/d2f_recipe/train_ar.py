@@ -2,22 +2,17 @@
 trained from scratch on the same problems with the same tokenizer (next-token loss on the
 response and its EOS only). Saved with save_pretrained, so HF generate runs it with a KV cache.
 
-    python python/train_ar.py --out runs/ar --tokenizer runs/teacher --hidden 256 --layers 4
+    python -m d2f_recipe.train_ar --out runs/ar --tokenizer runs/teacher --hidden 256 --layers 4
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import task_math  # noqa: E402
-import train_common as tc  # noqa: E402
+from d2f_recipe import training as tc
 
 
 def build_model(tok, hidden: int, layers: int, heads: int, intermediate: int, max_len: int):
@@ -50,10 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[float]:
     a = parse_args(argv)
-    tok, model, problems = tc.start_pretraining(a, build_model)
+    tok, model = tc.start_pretraining(a, build_model)
     # No EOS canvas: generation stops at the first EOS, so one is all the model must learn.
-    pairs = tc.encode_pairs(tok, [task_math.format_prompt(q.question) for q in problems],
-                            [q.solution for q in problems], tok.eos_token_id, None)
+    pairs = tc.task_pairs(tok, a, None)
 
     def step_loss(step: int):
         batch = tc.collate([pairs[i] for i in tc.batch_indices(len(pairs), a.batch, a.seed, step)],

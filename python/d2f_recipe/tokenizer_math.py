@@ -10,13 +10,14 @@ question the way the task's prompts do.
 from __future__ import annotations
 
 import os
-import sys
+import shutil
 from typing import Iterable
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from d2f_bench.tiny import SPECIAL_TOKENS
+from d2f_recipe import task_math
 
-from d2f_ext.models.tiny import SPECIAL_TOKENS  # noqa: E402
-
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
 EOS, MASK, UNK, PAD = "<|endoftext|>", "<|mask|>", "<unk>", "<|pad|>"
 
 
@@ -27,7 +28,6 @@ def build_tokenizer(folder: str, texts: Iterable[str], vocab_size: int = 512,
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    import task_math
 
     specials = SPECIAL_TOKENS + [PAD]
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -51,7 +51,6 @@ def build_tokenizer(folder: str, texts: Iterable[str], vocab_size: int = 512,
 
 def task_texts(n: int, seed: int = 0, level: str = "gsm") -> list[str]:
     """Prompt and solution texts of ``n`` training problems: the tokenizer's training corpus."""
-    import task_math
 
     out = []
     for p in task_math.problems("train", n, seed, level):
@@ -66,9 +65,16 @@ def load_or_build(folder: str, source: str | None = None, seed: int = 0, vocab_s
     from transformers import AutoTokenizer
 
     if source:
-        from train_common import copy_tokenizer
-
         copy_tokenizer(source, folder)
     elif not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         build_tokenizer(folder, task_texts(corpus, seed, level), vocab_size)
     return AutoTokenizer.from_pretrained(folder)
+
+
+def copy_tokenizer(src: str, dst: str) -> None:
+    if os.path.abspath(src) == os.path.abspath(dst):
+        return
+    os.makedirs(dst, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))

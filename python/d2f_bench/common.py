@@ -1,4 +1,4 @@
-"""Timing, JSON and plot helpers shared by the benchmark programs in python/."""
+"""Timing, JSON and plot helpers shared by the benchmark modules."""
 
 from __future__ import annotations
 
@@ -98,6 +98,7 @@ def write_markdown(path: str, header: list[str], rows: list[list]) -> None:
 
 def environment() -> dict:
     import platform
+
     import d2f_ext
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "d2f_ext": d2f_ext.build_info(),

@@ -10,8 +10,8 @@ Loss: KL(teacher || student), i.e. the cross-entropy against the teacher's softm
 teacher's entropy, on the masked positions, each divided by its block's ratio, averaged over the
 masked positions. Dream's right shift applies to both.
 
-    python python/distill.py --teacher runs/teacher --out runs/student-lora --merge-to runs/student
-    torchrun --nproc_per_node 8 python/distill.py --teacher GSAI-ML/LLaDA-8B-Instruct-folder ...
+    python -m d2f_recipe.distill --teacher runs/teacher --out runs/student-lora --merge-to runs/student
+    torchrun --nproc_per_node 8 -m d2f_recipe.distill --teacher GSAI-ML/LLaDA-8B-Instruct-folder ...
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ import argparse
 import copy
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import task_math  # noqa: E402
-import train_common as tc  # noqa: E402
-from d2f_ext.models import load_adapter, load_model  # noqa: E402
+from d2f_ext.models import load_adapter, load_model
+from d2f_recipe import task_math
+from d2f_recipe import training as tc
 
 LORA_TARGETS = {"llada": ["q_proj", "k_proj", "v_proj", "attn_out"],
                 "dream": ["q_proj", "k_proj", "v_proj", "o_proj"]}

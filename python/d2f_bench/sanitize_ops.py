@@ -6,7 +6,7 @@ debug checks off when PYTORCH_NO_CUDA_MEMORY_CACHING=1; on the CPU eagerly), unm
 vocabulary 151936 with temperature 0 and 0.8, every confidence and an inf logit, and
 pipeline_step. Exits 0 after printing "sanitize_ops: ok"; the sanitizer reports any bad access.
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python python/sanitize_ops.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m d2f_bench.sanitize_ops
 """
 
 from __future__ import annotations

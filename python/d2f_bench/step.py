@@ -8,7 +8,7 @@ step is memory-bound and cannot beat it. On CUDA the script also counts the host
 of an eager step, as run (none expected) and in debug mode (the ops' index value checks, see
 d2f_ext.ops.set_debug_checks), and times the step replayed from a CUDA graph.
 
-    python python/bench_step.py [--small] [--device cuda] [--batch 1 8] [--out results/step]
+    python -m d2f_bench.step [--small] [--device cuda] [--batch 1 8] [--out results/step]
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ import warnings
 
 import torch
 
-from bench_common import building_on, copy_bandwidth, default_device, environment, interleaved, write_json, write_markdown
-
+from d2f_bench.common import (
+    building_on,
+    copy_bandwidth,
+    default_device,
+    environment,
+    interleaved,
+    write_json,
+    write_markdown,
+)
 from d2f_ext import layout as L
 from d2f_ext import ops
 from d2f_ext.models import KVCache, ModelConfig, model_for_config

@@ -8,22 +8,15 @@ import json
 import math
 import os
 import random
-import shutil
-import sys
 import time
 from typing import Callable, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from d2f_recipe import task_math, tokenizer_math
+from d2f_recipe.tokenizer_math import copy_tokenizer
 
-import task_math  # noqa: E402
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json")
 STATE_DIR = "trainer"  # optimiser state and step, inside the output folder
 
 
@@ -121,14 +114,6 @@ def init_weights(model: torch.nn.Module, num_layers: int, std: float = 0.02) -> 
                 p.normal_(0.0, std / math.sqrt(2 * num_layers) if _residual_output(name) else std)
 
 
-def copy_tokenizer(src: str, dst: str) -> None:
-    if os.path.abspath(src) == os.path.abspath(dst):
-        return
-    os.makedirs(dst, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-
 
 def save_checkpoint(model, folder: str, tokenizer_src: Optional[str]) -> None:
     """A checkpoint folder d2f_ext.models.load_model reads: config.json with the model's own
@@ -222,6 +207,22 @@ def run(params: dict[str, torch.nn.Parameter], step_loss: Callable[[int], tuple[
     return losses
 
 
+def add_run_args(p, steps: int, lr: float, warmup: int, save_every: int = 500) -> None:
+    """The data and optimisation arguments of every trainer but distill."""
+    p.add_argument("--train-size", type=int, default=100000, help="distinct training problems")
+    task_math.add_level_arg(p)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=save_every)
+    p.add_argument("--resume", action="store_true", help="continue from the state in --out")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+
+
 def add_pretraining_args(p, steps: int) -> None:
     """The arguments of the from-scratch trainers (teacher and AR baseline), which must match for
     the two models to be comparable."""
@@ -232,25 +233,12 @@ def add_pretraining_args(p, steps: int) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, help="MLP width (default 3 x hidden)")
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--train-size", type=int, default=100000, help="distinct training problems")
-    task_math.add_level_arg(p)
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from the state in --out")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--device", default="cpu")
+    add_run_args(p, steps, lr=1e-3, warmup=200)
 
 
 def start_pretraining(a, build_model):
     """Threads, seed, output folder, tokenizer, the model (in train mode) and the training
-    problems, as the from-scratch trainers set them up: returns (tokenizer, model, problems)."""
-    import tokenizer_math
-
+    problems, as the from-scratch trainers set them up: returns (tokenizer, model)."""
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -258,5 +246,12 @@ def start_pretraining(a, build_model):
     tok = tokenizer_math.load_or_build(a.out, a.tokenizer, a.seed, level=a.level)
     model = build_model(tok, a.hidden, a.layers, a.heads, a.intermediate or 3 * a.hidden, a.max_len)
     model.to(a.device).train()
-    return tok, model, task_math.problems("train", a.train_size, a.seed, a.level)
+    return tok, model
+
+
+def task_pairs(tok, a, gen_len: Optional[int]) -> list[tuple[list[int], list[int]]]:
+    """The encoded (prompt, response) pairs of the task's ``a.train_size`` training problems."""
+    problems = task_math.problems("train", a.train_size, a.seed, a.level)
+    return encode_pairs(tok, [task_math.format_prompt(q.question) for q in problems],
+                        [q.solution for q in problems], tok.eos_token_id, gen_len)
 

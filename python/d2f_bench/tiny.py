@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .loading import INDEX_FILE, SINGLE_FILE, model_for_config
+from d2f_ext.models import ModelConfig
+from d2f_ext.models.loading import INDEX_FILE, SINGLE_FILE, model_for_config
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|mask|>", "<|system|>", "<|user|>", "<|assistant|>", "<unk>"]
 WORDS = (
@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _llada_config(vocab: int, mask: int, eos: int, hidden_size: int, num_heads: int,
+def llada_config(vocab: int, mask: int, eos: int, hidden_size: int, num_heads: int,
                   num_kv_heads: int, num_layers: int, intermediate_size: int,
                   max_len: int, tie: bool) -> dict:
     return {
@@ -45,7 +45,7 @@ def _llada_config(vocab: int, mask: int, eos: int, hidden_size: int, num_heads: 
     }
 
 
-def _dream_config(vocab: int, mask: int, eos: int, hidden_size: int, num_heads: int,
+def dream_config(vocab: int, mask: int, eos: int, hidden_size: int, num_heads: int,
                   num_kv_heads: int, num_layers: int, intermediate_size: int,
                   max_len: int, tie: bool) -> dict:
     return {
@@ -148,7 +148,7 @@ def write_tiny_checkpoint(folder: str, arch: str = "llada", seed: int = 0, vocab
     else:
         ids = {"eos": vocab - 2, "mask": vocab - 1}
     kv = num_kv_heads or (num_heads if arch == "llada" else max(1, num_heads // 2))
-    make = _llada_config if arch == "llada" else _dream_config
+    make = llada_config if arch == "llada" else dream_config
     config = make(vocab, ids["mask"], ids["eos"], hidden_size, num_heads, kv, num_layers,
                   intermediate_size, max_len, tie)
     _write_json(os.path.join(folder, "config.json"), config)

@@ -10,31 +10,28 @@ whose variance slows a small model down: at 300 steps it had 0.54 against 0.47 a
 held-out masked tokens at ratio 0.5. The output folder is a checkpoint
 d2f_ext.models.load_model reads.
 
-    python python/train_teacher.py --out runs/teacher --hidden 256 --layers 4 --steps 6000
+    python -m d2f_recipe.train_teacher --out runs/teacher --hidden 256 --layers 4 --steps 6000
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+from typing import Callable, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import task_math  # noqa: E402
-import train_common as tc  # noqa: E402
-from d2f_ext.models import ModelConfig, model_for_config  # noqa: E402
-from d2f_ext.models.tiny import _llada_config  # noqa: E402
-
+from d2f_bench.tiny import llada_config
+from d2f_ext.models import ModelConfig, model_for_config
+from d2f_recipe import training as tc
 
 WEIGHTINGS = ("tokens", "elbo")
 
 
 def diffusion_loss(model, batch: tc.Batch, mask_id: int, eps: float, gen: torch.Generator,
-                   weighting: str = "tokens") -> torch.Tensor:
+                   weighting: str = "tokens", block_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The masked-diffusion loss of one batch; ``block_ids`` (default: fully bidirectional over the
+    real tokens) lets adapt_ar anneal the attention."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     B, L = batch.ids.shape
@@ -43,8 +40,8 @@ def diffusion_loss(model, batch: tc.Batch, mask_id: int, eps: float, gen: torch.
     p = (1 - eps) * t + eps
     masked = resp & (torch.rand(B, L, generator=gen).to(resp.device) < p[:, None])
     noised = torch.where(masked, mask_id, batch.ids)
-    # Fully bidirectional over the real tokens; batch padding (-1) is never attended.
-    block_ids = torch.where(batch.real(), 0, -1).to(torch.int32)
+    if block_ids is None:  # batch padding (-1) is never attended
+        block_ids = torch.where(batch.real(), 0, -1).to(torch.int32)
     logits = model(noised, block_ids=block_ids)
     if model.config.logit_shift:
         logits = tc.shift_logits(logits)
@@ -56,7 +53,7 @@ def diffusion_loss(model, batch: tc.Batch, mask_id: int, eps: float, gen: torch.
 
 
 def build_model(tokenizer, hidden: int, layers: int, heads: int, intermediate: int, max_len: int):
-    config = _llada_config(len(tokenizer), tokenizer.mask_token_id, tokenizer.eos_token_id, hidden,
+    config = llada_config(len(tokenizer), tokenizer.mask_token_id, tokenizer.eos_token_id, hidden,
                            heads, heads, layers, intermediate, max_len, False)
     config["pad_token_id"] = tokenizer.pad_token_id
     model = model_for_config(ModelConfig.from_dict(config))
@@ -67,30 +64,39 @@ def build_model(tokenizer, hidden: int, layers: int, heads: int, intermediate: i
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     tc.add_pretraining_args(p, steps=6000)
+    add_diffusion_args(p)
+    return p.parse_args(argv)
+
+
+def add_diffusion_args(p) -> None:
+    """The objective's arguments, shared with adapt_ar."""
     p.add_argument("--gen-len", type=int, default=64, help="response canvas, filled with EOS")
     p.add_argument("--eps", type=float, default=1e-3, help="smallest mask ratio")
     p.add_argument("--weighting", choices=WEIGHTINGS, default="tokens",
                    help="tokens: mean over masked positions; elbo: LLaDA's 1/ratio weights")
-    return p.parse_args(argv)
 
 
-def main(argv=None) -> list[float]:
-    a = parse_args(argv)
-    tok, model, problems = tc.start_pretraining(a, build_model)
-    pairs = tc.encode_pairs(tok, [task_math.format_prompt(q.question) for q in problems],
-                            [q.solution for q in problems], tok.eos_token_id, a.gen_len)
-    mask_id = model.config.mask_token_id
+def train_diffusion(a, model, tok, desc: str, block_ids_at: Optional[Callable] = None) -> list[float]:
+    """The masked-diffusion training run of ``model`` on the task's problems, as set by ``a``;
+    ``block_ids_at(batch, step)`` gives each step's attention (default: bidirectional)."""
+    pairs = tc.task_pairs(tok, a, a.gen_len)
 
     def step_loss(step: int):
         batch = tc.collate([pairs[i] for i in tc.batch_indices(len(pairs), a.batch, a.seed, step)],
-                           tok.pad_token_id)
-        loss = diffusion_loss(model, batch.to(a.device), mask_id, a.eps, tc.step_generator(a.seed, step),
-                              a.weighting)
+                           tok.pad_token_id).to(a.device)
+        loss = diffusion_loss(model, batch, tok.mask_token_id, a.eps, tc.step_generator(a.seed, step),
+                              a.weighting, None if block_ids_at is None else block_ids_at(batch, step))
         return loss, int(batch.length.sum())
 
     return tc.run(tc.trainable(model), step_loss, steps=a.steps, lr=a.lr, warmup=a.warmup, out=a.out,
                   save=lambda: tc.save_checkpoint(model, a.out, None), resume=a.resume,
-                  save_every=a.save_every, weight_decay=a.weight_decay, desc="teacher")
+                  save_every=a.save_every, weight_decay=a.weight_decay, desc=desc)
+
+
+def main(argv=None) -> list[float]:
+    a = parse_args(argv)
+    tok, model = tc.start_pretraining(a, build_model)
+    return train_diffusion(a, model, tok, "teacher")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ waiting). The baseline is ``model.generate`` on each request alone in this proce
 same threads and the server idle, measured right before each level. Greedy outputs are compared with the baseline's, request by
 request. Prints a table, writes JSON, a markdown table and a plot.
 
-    python python/bench_serve.py [--requests 64] [--clients 1 4 16 64] [--threads 2] [--out results/serve]
-    python python/bench_serve.py --small   # a quick smoke run
+    python -m d2f_bench.serve [--requests 64] [--clients 1 4 16 64] [--threads 2] [--out results/serve]
+    python -m d2f_bench.serve --small   # a quick smoke run
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import urllib.request
 
 import torch
 
-from bench_common import environment, torch_threads, write_json, write_markdown
-
+from d2f_bench.common import environment, torch_threads, write_json, write_markdown
 from d2f_ext import AutoD2FModel
 from d2f_ext.cli import DEFAULT_MODEL
 

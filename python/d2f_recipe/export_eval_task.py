@@ -1,8 +1,8 @@
-"""Writes the data of the lm-eval task d2f_math: the held-out problems that bench_e2e.py scores
+"""Writes the data of the lm-eval task d2f_math: the held-out problems that evaluate.py scores
 (task_math test split, seed 0, small level, in the same order), one JSON object a line, into
 the package (d2f_ext/evaluation/tasks/d2f_math), so that `d2f-eval --tasks d2f_math` runs offline.
 
-    python python/export_eval_task.py [--problems 100]
+    python -m d2f_recipe.export_eval_task [--problems 100]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-import task_math
+from d2f_recipe import task_math
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "d2f_ext", "evaluation", "tasks",
                    "d2f_math", "d2f_math_test.jsonl")

@@ -5,7 +5,7 @@ the paths alternating run by run. Both must give the same tokens and forwards; t
 generated tokens/s is what the engine saves (kernels, the output head only where logits are read,
 batching). Writes conformance.json, .md and .png.
 
-    python python/bench_conformance.py [--threads 2] [--repeat 3] [--out results/conformance]
+    python -m d2f_bench.conformance [--threads 2] [--repeat 3] [--out results/conformance]
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import time
 
 import torch
 
-from bench_common import environment, torch_threads, write_json, write_markdown
-
+from d2f_bench.common import environment, torch_threads, write_json, write_markdown
+from d2f_bench.tiny import write_conformance_checkpoint
 from d2f_ext import D2FConfig
 from d2f_ext.decoding import decode
 from d2f_ext.models import load_model
-from d2f_ext.models.tiny import write_conformance_checkpoint
 
 CASES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "conformance")
 PATHS = ("engine, each prompt alone", "engine, each parameter set batched", "reference loop")

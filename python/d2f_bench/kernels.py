@@ -8,7 +8,7 @@ unmask:    d2f_ext.ops.unmask vs torch softmax + max + threshold at the LLaDA an
 CPU runs float32 and bfloat16 on a few shapes; CUDA runs bfloat16 on the full LLaDA-8B grid
 (W 32..128, cache 256..8192, batch 1..16). Prints a table of ratios (torch time / d2f_ext time;
 > 1 means d2f_ext is faster) and writes JSON, markdown and a plot.
-    python python/bench_kernels.py [--small] [--device cuda] [--out results/kernels]
+    python -m d2f_bench.kernels [--small] [--device cuda] [--out results/kernels]
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_common import default_device, environment, interleaved, write_json, write_markdown
-
+from d2f_bench.common import (
+    default_device,
+    environment,
+    interleaved,
+    write_json,
+    write_markdown,
+)
 from d2f_ext import ops
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
