@@ -350,8 +350,15 @@ class Engine:
         block_ids = window_block_ids(rows, blocks, W)
         pos = win_start[:, None] + torch.arange(W, device=self.device, dtype=torch.int32)
         tokens = seq.gather(1, torch.where(block_ids >= 0, pos, S).long())
+        packed = None
+        if live is not None and live.numel() > 1:
+            # Rows' windows differ in width (a just-admitted row's covers its prompt): the layers
+            # skip the padding. The host knows the plan in compact steps, so the sync is free.
+            packed = (block_ids >= 0).view(-1).nonzero().squeeze(1)
+            packed = None if packed.numel() == block_ids.numel() else packed
         hidden = self.model.window_hidden(tokens, pos.long(), block_ids, self.cache, win_start, commit,
-                                          cache_rows=None if live is None else live.to(torch.int32))
+                                          cache_rows=None if live is None else live.to(torch.int32),
+                                          packed=packed)
         # The head runs on the masked positions only (in position order, so unmask's ties and
         # forced picks are unchanged), plus for Dream the committed span's last position, whose
         # logits predict the next window's first. A sampled row's noise is keyed by window
