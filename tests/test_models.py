@@ -192,9 +192,9 @@ def test_packed_window_forward_matches_full_block_causal(arch, attn, device):
     """Rows of unequal windows (a long prompt beside a short one) with the layers run on the
     real positions only: the same logits and cache as the padded forward's."""
     model = make_model(arch).to(device)
-    simulate(model, prompts=[11, 4, 6], block_size=4, n_blocks=4, commits=[[11, 4, 0], [0, 4, 6], [4, 0, 4],
-                                                                            [4, 4, 0]],
-             attn=ATTN[attn], device=device, cache_rows=[1, 3, 0], cache_batch=4, packed=True)
+    commits = [[11, 4, 0], [0, 4, 6], [4, 0, 4], [4, 4, 0]]
+    simulate(model, prompts=[11, 4, 6], block_size=4, n_blocks=4, commits=commits, attn=ATTN[attn], device=device,
+             cache_rows=[1, 3, 0], cache_batch=4, packed=True)
 
 
 @pytest.mark.parametrize("attn", list(ATTN))
