@@ -12,7 +12,9 @@ output head on the window positions whose logits are read, unmask, and the block
 Two ways to drive the steps (the same tokens and forwards either way):
 
 - compact (the CPU default): before every step the host reads the plan, leaves finished rows out
-  of the batch (``cache_rows``) and sizes the window to the widest one, so no work is wasted;
+  of the batch (``cache_rows``), sizes the window to the widest one and runs the layers on the
+  windows' real positions only (``packed``), so a row just admitted, whose first window covers
+  its prompt, does not pad the others to its width: no work is wasted;
 - static (the CUDA default): every row stays in the batch (a free or finished row's window is all
   padding) and the window width is fixed for ``sync_every`` steps, enough for the widest window
   those steps can plan (a window grows by at most one block a step). A step then has fixed
@@ -350,8 +352,15 @@ class Engine:
         block_ids = window_block_ids(rows, blocks, W)
         pos = win_start[:, None] + torch.arange(W, device=self.device, dtype=torch.int32)
         tokens = seq.gather(1, torch.where(block_ids >= 0, pos, S).long())
+        packed = None
+        if live is not None and live.numel() > 1:
+            # Rows' windows differ in width (a just-admitted row's covers its prompt): the layers
+            # skip the padding. Compact steps read the plan on the host anyway; one more read is cheap.
+            packed = (block_ids >= 0).view(-1).nonzero().squeeze(1)
+            packed = None if packed.numel() == block_ids.numel() else packed
         hidden = self.model.window_hidden(tokens, pos.long(), block_ids, self.cache, win_start, commit,
-                                          cache_rows=None if live is None else live.to(torch.int32))
+                                          cache_rows=None if live is None else live.to(torch.int32),
+                                          packed=packed)
         # The head runs on the masked positions only (in position order, so unmask's ties and
         # forced picks are unchanged), plus for Dream the committed span's last position, whose
         # logits predict the next window's first. A sampled row's noise is keyed by window

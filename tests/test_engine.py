@@ -74,6 +74,34 @@ def test_sampled_request_is_the_same_beside_others(model):
     assert mine.forwards == int(alone.forwards[0])
 
 
+def test_prompt_admitted_mid_run_costs_only_its_positions(model, monkeypatch):
+    """A long prompt joins a decoding row: the step's layers run on the two windows' positions
+    only, not on the short window padded to the prompt's width, and both rows decode as alone."""
+    rng = random.Random(4)
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=60, block_size=4))
+    steps = []
+    inner = model.window_hidden
+
+    def spy(input_ids, positions, block_ids, *a, packed=None, **kw):
+        steps.append((int((block_ids >= 0).sum()), block_ids.numel(), None if packed is None else packed.numel()))
+        return inner(input_ids, positions, block_ids, *a, packed=packed, **kw)
+
+    monkeypatch.setattr(model, "window_hidden", spy)
+    cfg = D2FConfig(block_size=4, skip_threshold=0.9, max_new_tokens=24)
+    short = engine.add_request(_prompt(model, rng)[:2], cfg)
+    engine.step()
+    long = engine.add_request((_prompt(model, rng) * 30)[:30], cfg)
+    while engine.has_work():
+        engine.step()
+    real, total, packed = steps[1]
+    assert total == 2 * 34 and packed == real < total
+    assert all(p is None for _, _, p in steps[:1])  # a row alone has no padding to skip
+    eos = model.config.eos_token_id
+    for r in (short, long):
+        alone = reference_decode(model, [r.prompt], cfg, eos_id=eos)
+        assert r.generated == alone.generated[0].tolist() and r.forwards == int(alone.forwards[0])
+
+
 def test_abort_frees_the_row_and_costs_no_more_compute(model, monkeypatch):
     rng = random.Random(7)
     engine = Engine(model, EngineConfig(max_batch=2, max_len=60, block_size=4))

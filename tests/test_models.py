@@ -125,10 +125,12 @@ def test_forward_is_differentiable():
 
 # --- the cached window forward --------------------------------------------------------------
 
-def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_rows=None, cache_batch=None):
+def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_rows=None, cache_batch=None,
+             packed=False):
     """Run D2F-like windows over rows with their own prompt lengths and commit schedules,
     changing not-yet-cached tokens between steps. After every step, each row's window logits
-    must equal the full block-causal forward of that row's current tokens."""
+    must equal the full block-causal forward of that row's current tokens. packed: the layers
+    run on the windows' real positions only (their hidden states at the padding are zeros)."""
     torch.manual_seed(2)
     V, mask_id = model.config.vocab_size, model.config.mask_token_id
     B = len(prompts)
@@ -152,8 +154,15 @@ def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_
             win_bid[b, : e - s] = bids[b][s:e]
         lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
         commit_len = torch.tensor(commit, dtype=torch.int32, device=device)
-        logits = model.forward_window(win_ids, win_pos, win_bid, cache, lens, commit_len,
-                                      cache_rows=rows, attn=attn)
+        if packed:
+            real = win_bid.view(-1) >= 0
+            hidden = model.window_hidden(win_ids, win_pos, win_bid, cache, lens, commit_len, cache_rows=rows,
+                                         attn=attn, packed=real.nonzero().squeeze(1))
+            assert hidden.view(B * W, -1)[~real].abs().sum() == 0
+            logits = model.head(hidden)
+        else:
+            logits = model.forward_window(win_ids, win_pos, win_bid, cache, lens, commit_len,
+                                          cache_rows=rows, attn=attn)
         for b in range(B):
             s, e = cache_lens[b], ends[b]
             with torch.no_grad():
@@ -175,6 +184,17 @@ COMMITS = [[7, 4], [0, 4], [4, 0], [4, 4], [0, 4], [4, 0]]
 def test_window_forward_matches_full_block_causal(arch, heads, kv, attn, device):
     model = make_model(arch, num_heads=heads, num_kv_heads=kv).to(device)
     simulate(model, prompts=[7, 4], block_size=4, n_blocks=5, commits=COMMITS, attn=ATTN[attn], device=device)
+
+
+@pytest.mark.parametrize("attn", list(ATTN))
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_packed_window_forward_matches_full_block_causal(arch, attn, device):
+    """Rows of unequal windows (a long prompt beside a short one) with the layers run on the
+    real positions only: the same logits and cache as the padded forward's."""
+    model = make_model(arch).to(device)
+    commits = [[11, 4, 0], [0, 4, 6], [4, 0, 4], [4, 4, 0]]
+    simulate(model, prompts=[11, 4, 6], block_size=4, n_blocks=4, commits=commits, attn=ATTN[attn], device=device,
+             cache_rows=[1, 3, 0], cache_batch=4, packed=True)
 
 
 @pytest.mark.parametrize("attn", list(ATTN))

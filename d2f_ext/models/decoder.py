@@ -89,7 +89,7 @@ class DiffusionLM(nn.Module):
     def window_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, block_ids: torch.Tensor,
                       cache: KVCache, cache_lens: torch.Tensor, commit_len: torch.Tensor,
                       cache_rows: Optional[torch.Tensor] = None,
-                      attn: Optional[ModuleType] = None) -> torch.Tensor:
+                      attn: Optional[ModuleType] = None, packed: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final hidden states [B, W, hidden] of a window over the KV cache, before the output
         head (:meth:`head`), so a decoder can run the head on the positions it reads only.
 
@@ -100,17 +100,37 @@ class DiffusionLM(nn.Module):
         cache row of each batch row (default b). attn: a module with ``attention`` and
         ``store_kv`` (default :mod:`d2f_ext.ops`; :mod:`d2f_ext.reference` for plain PyTorch).
         Inference only: runs without autograd.
+
+        packed: int64 [N], the flat indices (b * W + i) of the window positions that are not
+        padding (block_ids >= 0). When given, everything but attention runs on those N
+        positions only, as one sequence, so rows of unequal windows batched together cost no
+        more than their own positions; the padding's hidden states come back as zeros. Its
+        size is data-dependent, so not for a step captured in a CUDA graph.
         """
         if attn is None:
             from .. import ops as attn
+        B, W = input_ids.shape
+        if packed is not None:
+            input_ids, positions = input_ids.reshape(1, -1)[:, packed], positions.reshape(1, -1)[:, packed]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         src_start = torch.zeros_like(commit_len)
         x = self.embedding()(input_ids)
         for layer_idx, layer in enumerate(self.decoder_layers()):
             q, k, v = layer.qkv(x, cos, sin)
+            if packed is not None:
+                q, k, v = (_unpack(t, packed, B, W) for t in (q, k, v))
             k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
             o = attn.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows,
                                scale=self.scale)
             attn.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, commit_len, cache_rows)
+            if packed is not None:
+                o = o.reshape(1, B * W, *o.shape[2:])[:, packed]
             x = layer.finish(x, o)
-        return x
+        return x if packed is None else _unpack(x, packed, B, W)
+
+
+def _unpack(t: torch.Tensor, packed: torch.Tensor, batch: int, width: int) -> torch.Tensor:
+    """[1, N, ...] values of the ``packed`` window positions, laid out as [batch, width, ...]
+    with zeros at the padding."""
+    out = t.new_zeros(batch * width, *t.shape[2:])
+    return out.index_copy_(0, packed, t[0]).view(batch, width, *t.shape[2:])
