@@ -21,7 +21,7 @@ from d2f_ext.evaluation import PRESETS, TASKS_DIR, cli
 from d2f_ext.evaluation.filters import sanitize
 from d2f_ext.evaluation.model import D2FLM
 from d2f_ext.evaluation.presets import table
-from d2f_ext.models import load_model
+from d2f_ext.models import ModelConfig, load_model
 from d2f_recipe import evaluate, task_math
 
 SHIPPED = generate_cli.DEFAULT_MODEL
@@ -166,18 +166,23 @@ def test_bad_model_args_are_one_line_before_any_model_work(tmp_path, no_model_lo
 
 
 def test_adapter_for_another_base_model_says_what_differs(tmp_path, no_model_load):
-    # The shipped model: LLaDA, hidden size 256, vocabulary 494.
-    narrow = write_tiny_checkpoint(str(tmp_path / "narrow"), arch="llada", hidden_size=128, tokenizer=False)
+    shipped = ModelConfig.from_file(SHIPPED)
+    arch, other = shipped.arch, {"llada": "dream", "dream": "llada"}[shipped.arch]
+    head = {"llada": r"model\.transformer\.ff_out", "dream": "lm_head"}[arch]
+    attn_out = {"llada": "attn_out", "dream": "o_proj"}
+    narrow = write_tiny_checkpoint(str(tmp_path / "narrow"), arch=arch, hidden_size=128, tokenizer=False)
     _make_adapter(narrow, str(tmp_path / "a_narrow"), ["q_proj"])
-    _fails(f"pretrained={SHIPPED},adapter={tmp_path / 'a_narrow'}", "hidden size 128 in the adapter vs 256")
-    vocab = write_tiny_checkpoint(str(tmp_path / "vocab"), arch="llada", hidden_size=256, num_heads=4,
-                                  vocab=128, tokenizer=False)
-    _make_adapter(vocab, str(tmp_path / "a_vocab"), r"model\.transformer\.ff_out")  # the LM head
-    _fails(f"pretrained={SHIPPED},adapter={tmp_path / 'a_vocab'}", "vocabulary size 128 in the adapter vs 494")
-    dream = write_tiny_checkpoint(str(tmp_path / "dream"), arch="dream", hidden_size=256, num_heads=4,
-                                  tokenizer=False)
-    _make_adapter(dream, str(tmp_path / "a_dream"), ["o_proj"])
-    _fails(f"pretrained={SHIPPED},adapter={tmp_path / 'a_dream'}", "model type differs")
+    _fails(f"pretrained={SHIPPED},adapter={tmp_path / 'a_narrow'}",
+           f"hidden size 128 in the adapter vs {shipped.hidden_size}")
+    vocab = write_tiny_checkpoint(str(tmp_path / "vocab"), arch=arch, hidden_size=shipped.hidden_size,
+                                  num_heads=shipped.num_heads, vocab=128, tokenizer=False)
+    _make_adapter(vocab, str(tmp_path / "a_vocab"), head)
+    _fails(f"pretrained={SHIPPED},adapter={tmp_path / 'a_vocab'}",
+           f"vocabulary size 128 in the adapter vs {shipped.vocab_size}")
+    wrong = write_tiny_checkpoint(str(tmp_path / "other"), arch=other, hidden_size=shipped.hidden_size,
+                                  num_heads=shipped.num_heads, tokenizer=False)
+    _make_adapter(wrong, str(tmp_path / "a_other"), [attn_out[other]])
+    _fails(f"pretrained={SHIPPED},adapter={tmp_path / 'a_other'}", "model type differs")
 
 
 def _local_task(folder: pathlib.Path, name: str, *replacements: tuple[str, str]) -> None:
