@@ -339,3 +339,26 @@ def test_cli_rejects_bad_arguments_by_name(capsys):
     assert cli.main(["--model", "/nonexistent/folder"]) == 2
     assert cli.main(["--max-batch", "0"]) == 2
     assert "max_batch" in capsys.readouterr().err
+
+
+def test_engine_thread_sets_the_process_thread_count(monkeypatch):
+    # torch.set_num_threads also sizes MKL's pool, which a new thread otherwise takes from the
+    # machine (its matmuls then ran single-threaded: a CPU step took 1.6x as long), so the engine
+    # thread must call it itself; torch.get_num_threads() there cannot tell the difference.
+    from d2f_ext.serve import engine_loop
+
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(engine_loop.torch, "set_num_threads",
+                        lambda n: (calls.append((threading.current_thread().name, n)), real(n)))
+
+    class Idle:
+        config = type("Config", (), {"max_batch": 1})()
+
+        def has_work(self):
+            return False
+
+    loop = engine_loop.EngineLoop(Idle())
+    loop.start()
+    loop.stop()
+    assert calls == [("d2f-engine", torch.get_num_threads())]
