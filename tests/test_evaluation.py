@@ -1,5 +1,5 @@
 """d2f-eval and the lm-eval model ``d2f``, for real and offline: the package's d2f_math task on the
-shipped model scores what bench_e2e's own scoring computes; two processes under torchrun score
+shipped model scores what d2f_recipe.evaluate's own scoring computes; two processes under torchrun score
 what one does; bad input is one line before any model work; the HumanEval filter and presets."""
 
 import argparse
@@ -56,7 +56,7 @@ def _d2f_eval(launcher: list[str], out: pathlib.Path, model_args: str) -> tuple[
 
 @pytest.fixture(scope="module")
 def bench_scores():
-    """bench_e2e's scoring of the D2F student on the same problems and settings: its
+    """d2f_recipe.evaluate's scoring of the D2F student on the same problems and settings: its
     generation_config thresholds, block 16, max_new_tokens 64, batch 1."""
     a = argparse.Namespace(block_size=16, max_new_tokens=64, block_add_threshold=None,
                            decoded_token_threshold=None, skip_threshold=None)
@@ -76,10 +76,10 @@ def one_process(tmp_path_factory):
     return _d2f_eval([sys.executable], out, f"pretrained={SHIPPED}")
 
 
-def test_task_data_is_bench_e2e_held_out_problems():
+def test_task_data_is_the_evaluation_held_out_problems():
     with open(os.path.join(TASKS_DIR, "d2f_math", "d2f_math_test.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    problems = task_math.problems("test", 100, seed=0, level="small")  # bench_e2e's defaults
+    problems = task_math.problems("test", 100, seed=0, level="small")  # d2f_recipe.evaluate's defaults
     assert [(r["question"], r["answer"]) for r in rows] == [(p.question, p.answer) for p in problems]
 
 
@@ -90,7 +90,7 @@ def test_package_tasks_are_found_by_name():
     assert {"d2f_math", "humaneval_d2f"} <= set(names)
 
 
-def test_d2f_eval_scores_as_bench_e2e(one_process, bench_scores):
+def test_d2f_eval_scores_as_the_recipe_evaluation(one_process, bench_scores):
     results, speed = one_process
     score = results["results"]["d2f_math"]["exact_match,answer"]
     assert results["results"]["d2f_math"]["sample_len"] == PROBLEMS
@@ -210,9 +210,9 @@ def test_loglikelihood_task_is_refused_with_the_alternative(tmp_path):
                         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
 
 
-def test_apply_chat_template_run_scores_as_bench_e2e(tmp_path, bench_scores):
+def test_apply_chat_template_run_scores_as_the_recipe_evaluation(tmp_path, bench_scores):
     """d2f_math with the bare question as the document: --apply_chat_template's rendering through
-    the shipped tokenizer's template gives bench_e2e's prompts, hence its score."""
+    the shipped tokenizer's template gives the recipe evaluation's prompts, hence its score."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

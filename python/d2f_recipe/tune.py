@@ -2,7 +2,7 @@
 them in its generation_config.json, the defaults of model.generate, d2f-generate and evaluate.
 
 The validation problems are the test split's problems after the first --after (default 100: the
-ones bench_e2e's table is measured on), so the table is never run on the problems it was tuned on.
+ones evaluate's table is measured on), so the table is never run on the problems it was tuned on.
 The pick: among the grid's settings within --tolerance points of the most accurate one, the one
 with the most tokens per forward (a count: the pick does not move with machine noise as tokens/s
 would; ties go to the higher thresholds, the safer ones: skip_threshold, then block_add_threshold).
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "decoding (one token a step): the accuracy the student's is held against")
     p.add_argument("--after", type=int, default=100, help="test-split problems left to the table")
     p.add_argument("--problems", type=int, default=300, help="validation problems")
-    p.add_argument("--seed", type=int, default=0, help="test-split seed (bench_e2e's)")
+    p.add_argument("--seed", type=int, default=0, help="test-split seed (evaluate's)")
     task_math.add_level_arg(p)
     p.add_argument("--sweep-skip", type=evaluate.thresholds, default=evaluate.SWEEP_SKIP)
     p.add_argument("--sweep-add", type=evaluate.thresholds, default=evaluate.SWEEP_ADD)
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validation_problems(after: int, n: int, seed: int, level: str):
     """The ``n`` test-split problems after the first ``after``: the draws are a fixed sequence
-    per seed, so these never include the first ``after``, which bench_e2e's table uses."""
+    per seed, so these never include the first ``after``, which evaluate's table uses."""
     return task_math.problems("test", after + n, seed, level)[after:]
 
 

@@ -1,4 +1,4 @@
-"""The end-to-end benchmark's smoke path (tiny models trained on the spot, 3 problems) produces a
+"""The recipe evaluation's smoke path (tiny models trained on the spot, 3 problems) produces a
 well-formed table, and its output check rejects malformed results."""
 
 import copy

@@ -1,5 +1,5 @@
-"""tune_d2f: the pick rule, and a run on tiny models that stores its pick without losing the
-student's other generation settings, which bench_e2e then decodes with."""
+"""d2f_recipe.tune: the pick rule, and a run on tiny models that stores its pick without losing the
+student's other generation settings, which d2f_recipe.evaluate then decodes with."""
 
 import json
 import pathlib
@@ -32,7 +32,7 @@ def test_pick_is_the_most_parallel_setting_within_tolerance():
         tune.pick([], 1.0)
 
 
-def test_tune_writes_its_pick_and_bench_e2e_reads_it(tmp_path):
+def test_tune_writes_its_pick_and_evaluate_reads_it(tmp_path):
     paths = evaluate.train_smoke(str(tmp_path))
     student = paths["student"]
     config = pathlib.Path(student) / "generation_config.json"
@@ -54,7 +54,7 @@ def test_tune_writes_its_pick_and_bench_e2e_reads_it(tmp_path):
     saved = json.loads(config.read_text())
     assert saved == {**before, "skip_threshold": out["pick"]["skip_threshold"], "block_add_threshold": 0.1}
     assert json.loads((tmp_path / "tune" / "tune.json").read_text())["pick"] == out["pick"]
-    # bench_e2e's student settings: the saved thresholds, overridden by the flags given.
+    # evaluate's student settings: the saved thresholds, overridden by the flags given.
     args = evaluate.parse_args(["--student", student, "--decoded-token-threshold", "0.8"])
     cfg = evaluate.d2f_config(args, student)
     assert (cfg.skip_threshold, cfg.block_add_threshold, cfg.decoded_token_threshold) == \
@@ -100,7 +100,7 @@ def test_bad_arguments_name_themselves(args, message, capsys):
     (["--decoded-token-threshold", "x"], "--decoded-token-threshold: not a number"),
     (["--threads", "-1"], "--threads must be >= 1"),
 ])
-def test_bench_e2e_bad_arguments_name_themselves(args, message, capsys):
+def test_evaluate_bad_arguments_name_themselves(args, message, capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(args)
     assert re.search(message, capsys.readouterr().err)
