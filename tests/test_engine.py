@@ -4,7 +4,6 @@ requests (generate on top of it: tests/test_generate.py)."""
 import random
 
 import pytest
-import torch
 
 from d2f_ext import D2FConfig
 from d2f_ext.decoding import reference_decode

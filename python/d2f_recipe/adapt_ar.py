@@ -28,9 +28,8 @@ from safetensors.torch import load_file
 
 from d2f_bench.tiny import dream_config
 from d2f_ext.models import ModelConfig, model_for_config
-from d2f_recipe import train_teacher
+from d2f_recipe import tokenizer_math, train_teacher
 from d2f_recipe import training as tc
-from d2f_recipe.tokenizer_math import copy_tokenizer
 
 
 def dream_from_ar(ar_folder: str, mask_token_id: int):
@@ -86,13 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[float]:
     a = parse_args(argv)
-    from transformers import AutoTokenizer
-
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    copy_tokenizer(a.ar, a.out)
-    tok = AutoTokenizer.from_pretrained(a.out)
+    tok = tokenizer_math.load_or_build(a.out, a.ar)
     model = dream_from_ar(a.ar, tok.mask_token_id).to(a.device).train()
     return train_teacher.train_diffusion(a, model, tok, "adapt",
                                          lambda batch, step: anneal_block_ids(batch, step, a.anneal))
