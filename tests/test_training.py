@@ -195,7 +195,7 @@ class _FixedLogits(torch.nn.Module):
         self.seen = None
 
     def forward(self, ids, block_ids):
-        self.seen = ids.clone()
+        self.seen, self.block_ids = ids.clone(), block_ids.clone()
         return self.table[ids]
 
 
@@ -221,6 +221,60 @@ def test_teacher_loss_weighting(weighting):
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     with pytest.raises(ValueError, match="weighting"):
         train_teacher.diffusion_loss(model, batch, mask_id, eps, g, "uniform")
+
+
+def test_semi_ar_masks_leave_a_clean_prefix_one_partial_block_and_a_masked_suffix():
+    batch = tc.collate([([1, 2], [3] * 40), ([1, 2, 3, 4, 5], [6] * 30)], pad_id=0)
+    resp = batch.response()
+    cuts = set()
+    for seed in range(100):
+        # ratio 1 masks the whole block, ratio 0 none of it: the same cut, drawn first, shows in both
+        full, full_scored = train_teacher.semi_ar_masks(batch, torch.ones(2), 8, torch.Generator().manual_seed(seed))
+        none, none_scored = train_teacher.semi_ar_masks(batch, torch.zeros(2), 8, torch.Generator().manual_seed(seed))
+        assert not (full & ~resp).any() and not none_scored.any()
+        for b in range(2):
+            row, n = full[b][resp[b]], int(resp[b].sum())
+            cut = int(row.nonzero()[0])
+            cuts.add((b, cut))
+            assert row[cut:].all() and not row[:cut].any()
+            assert full_scored[b][resp[b]].nonzero().flatten().tolist() == list(range(cut, min(cut + 8, n)))
+            assert none[b][resp[b]].nonzero().flatten().tolist() == list(range(cut + 8, n))
+    assert len({c for b, c in cuts if b == 0}) > 20  # the cut ranges over the response
+
+
+def test_ar_share_rows_are_clean_causal_and_scored_as_next_token():
+    torch.manual_seed(0)
+    batch = tc.collate([([1, 2, 3], [4, 5, 6, 0, 0]), ([2, 2], [6, 1, 0])] * 8, pad_id=0)
+    model = _FixedLogits(7)
+    model.config.logit_shift = True
+    loss = train_teacher.diffusion_loss(model, batch, 7, 1e-3, torch.Generator().manual_seed(3), ar_share=0.5)
+    causal = torch.where(batch.real(), batch.positions(), -1).to(torch.int32)
+    ar = (model.block_ids == causal).all(1)
+    assert 0 < ar.sum() < len(ar) and not (model.seen[ar] == 7).any()
+    assert (model.block_ids[~ar] == torch.where(batch.real(), 0, -1)[~ar]).all()
+    logits = tc.shift_logits(model.table[model.seen])
+    resp, masked = batch.response(), model.seen == 7
+    want = torch.nn.functional.cross_entropy(logits[resp & ar[:, None]], batch.ids[resp & ar[:, None]]) + \
+        torch.nn.functional.cross_entropy(logits[masked], batch.ids[masked])
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    model.config.logit_shift = False
+    with pytest.raises(ValueError, match="logit_shift"):
+        train_teacher.diffusion_loss(model, batch, 7, 1e-3, torch.Generator(), ar_share=0.5)
+
+
+def test_semi_ar_share_switches_whole_examples():
+    batch = tc.collate([([1, 2], [3] * 40)] * 64, pad_id=0)
+    model = _FixedLogits(7)
+    train_teacher.diffusion_loss(model, batch, 7, 1e-3, torch.Generator().manual_seed(0), semi_ar_share=1.0,
+                                 block_size=4)
+    masked = (model.seen == 7)[:, 2:]
+    # a semi-AR row: once 4 positions past its first mask, every position is masked
+    for row in masked:
+        first = int(row.nonzero()[0]) if row.any() else 40
+        assert row[first + 4:].all()
+    train_teacher.diffusion_loss(model, batch, 7, 1e-3, torch.Generator().manual_seed(0))
+    uniform = (model.seen == 7)[:, 2:]
+    assert any(not r[int(r.nonzero()[0]) + 4:].all() for r in uniform if r.any())
 
 
 def _lora_distiller(folder):
