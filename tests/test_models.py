@@ -114,6 +114,15 @@ def test_forward_matches_plain_transcription(arch, heads, kv, tie):
     assert torch.isfinite(causal).all()  # padded queries see nothing, but must not produce NaN
 
 
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_output_embeddings_are_the_head(arch):
+    untied, tied = make_model(arch, tie=False), make_model(arch, tie=True)
+    head = untied.get_output_embeddings()
+    h = torch.randn(2, untied.config.hidden_size)
+    torch.testing.assert_close(untied.output_logits(h), head(h))
+    assert tied.get_output_embeddings() is None and tied.get_input_embeddings().weight.shape[0] == tied.config.vocab_size
+
+
 def test_forward_is_differentiable():
     model = make_model("dream")
     ids = torch.randint(0, 96, (1, 9))

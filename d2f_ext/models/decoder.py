@@ -49,6 +49,11 @@ class DiffusionLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embedding()
 
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
+        """The output head, None when it is the input embedding (tied); PEFT asks for it, as
+        transformers' models answer, when an adapter targets the head."""
+        raise NotImplementedError
+
     def forward(self, input_ids: torch.Tensor, block_ids: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-sequence logits [B, L, V] (raw: before Dream's shift), differentiable.

@@ -3,6 +3,8 @@ norm}, lm_head). Its logits are shifted right by one; that shift is the caller's
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,9 @@ class DreamModel(DiffusionLM):
 
     def final_norm(self) -> nn.Module:
         return self.model.norm
+
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
+        return getattr(self, "lm_head", None)
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.config.tie_word_embeddings:

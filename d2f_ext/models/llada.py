@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,9 @@ class LLaDAModel(DiffusionLM):
 
     def final_norm(self) -> nn.Module:
         return self.model.transformer["ln_f"]
+
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
+        return self.model.transformer["ff_out"] if "ff_out" in self.model.transformer else None
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
         t = self.model.transformer
