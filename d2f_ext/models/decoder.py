@@ -43,9 +43,6 @@ class DiffusionLM(nn.Module):
     def final_norm(self) -> nn.Module:
         raise NotImplementedError
 
-    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embedding()
 
@@ -53,6 +50,10 @@ class DiffusionLM(nn.Module):
         """The output head, None when it is the input embedding (tied); PEFT asks for it, as
         transformers' models answer, when an adapter targets the head."""
         raise NotImplementedError
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        head = self.get_output_embeddings()
+        return head(h) if head is not None else F.linear(h, self.embedding().weight)
 
     def forward(self, input_ids: torch.Tensor, block_ids: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -56,8 +54,3 @@ class DreamModel(DiffusionLM):
 
     def get_output_embeddings(self) -> Optional[nn.Linear]:
         return getattr(self, "lm_head", None)
-
-    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.config.tie_word_embeddings:
-            return F.linear(h, self.model.embed_tokens.weight)
-        return self.lm_head(h)

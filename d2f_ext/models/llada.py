@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -57,7 +55,3 @@ class LLaDAModel(DiffusionLM):
 
     def get_output_embeddings(self) -> Optional[nn.Linear]:
         return self.model.transformer["ff_out"] if "ff_out" in self.model.transformer else None
-
-    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
-        t = self.model.transformer
-        return t["ff_out"](h) if "ff_out" in t else F.linear(h, t["wte"].weight)
