@@ -203,7 +203,7 @@ class Engine:
         if self.static:
             self._static_steps(active, first=admitted)
         else:
-            plan = self.rows[:, L.FINISHED].cpu()
+            plan = self.rows[:, L.FINISHED].tolist()
             live = [r for r in active if not plan[r.slot]]
             if live:
                 slots = torch.tensor([r.slot for r in live], device=self.device)

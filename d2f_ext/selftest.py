@@ -102,7 +102,7 @@ def check_store_kv(device: torch.device) -> None:
 def check_unmask(device: torch.device) -> None:
     """Tokens, counts and eos_block must equal the reference's exactly."""
     g = torch.Generator().manual_seed(2)
-    B, W, V, NB = 2, 8, 151936, 3
+    B, W, V = 2, 8, 151936
     mask_id = V - 1
     for dtype in _dtypes(device):
         logits = (torch.randn(B, W, V, generator=g) * 5).to(dtype)

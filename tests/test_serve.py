@@ -341,10 +341,9 @@ def test_cli_rejects_bad_arguments_by_name(capsys):
     assert "max_batch" in capsys.readouterr().err
 
 
-def test_engine_thread_sets_the_process_thread_count(monkeypatch):
-    # torch.set_num_threads also sizes MKL's pool, which a new thread otherwise takes from the
-    # machine (its matmuls then ran single-threaded: a CPU step took 1.6x as long), so the engine
-    # thread must call it itself; torch.get_num_threads() there cannot tell the difference.
+def test_engine_thread_sets_its_thread_count(monkeypatch):
+    # A new thread does not inherit the creating thread's OpenMP thread count: the engine thread
+    # must set it itself, to what the server was given.
     from d2f_ext.serve import engine_loop
 
     calls = []
@@ -358,7 +357,31 @@ def test_engine_thread_sets_the_process_thread_count(monkeypatch):
         def has_work(self):
             return False
 
-    loop = engine_loop.EngineLoop(Idle())
-    loop.start()
-    loop.stop()
-    assert calls == [("d2f-engine", torch.get_num_threads())]
+    for threads, expected in ((None, torch.get_num_threads()), (3, 3)):
+        loop = engine_loop.EngineLoop(Idle(), threads=threads)
+        loop.start()
+        loop.stop()
+        assert calls.pop() == ("d2f-engine", expected)
+    with pytest.raises(ValueError, match="threads"):
+        engine_loop.EngineLoop(Idle(), threads=0)
+
+
+def test_cli_leaves_the_computing_to_the_engine_thread(monkeypatch):
+    # libgomp keeps a worker pool per thread that ran a parallel region; with the HTTP thread's
+    # pool beside the engine's, idle workers sleep at once and every op of a step waits to wake
+    # one. So the CLI loads the model with one thread and hands the process's count to the engine.
+    import uvicorn
+
+    from d2f_ext.serve import cli
+
+    seen = {}
+    monkeypatch.setattr(cli.AutoD2FModel, "from_pretrained",
+                        lambda *a, **k: seen.setdefault("load", torch.get_num_threads()))
+    monkeypatch.setattr(cli, "build_app", lambda model, **k: seen.setdefault("engine", k["threads"]))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["--model", "m"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"load": 1, "engine": before}

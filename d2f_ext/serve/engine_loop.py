@@ -48,20 +48,34 @@ class Handle:
         self.released = False
 
     def _deliver(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the route's event loop is closed: nobody is listening any more
-            pass
+        _deliver_all(self.loop, [(self, event)])
+
+
+def _put_all(batch: list[tuple[Handle, Event]]) -> None:
+    for handle, event in batch:
+        handle.events.put_nowait(event)
+
+
+def _deliver_all(loop: asyncio.AbstractEventLoop, batch: list[tuple[Handle, Event]]) -> None:
+    """Hands events to their handles' queues on their event loop (from the engine thread)."""
+    try:
+        loop.call_soon_threadsafe(_put_all, batch)
+    except RuntimeError:  # the routes' event loop is closed: nobody is listening any more
+        pass
 
 
 class EngineLoop:
-    """Runs ``engine`` on a daemon thread; ``max_queue`` requests may wait for a row beyond the
-    engine's ``max_batch`` decoding ones (a request counts until its route releases it)."""
+    """Runs ``engine`` on a daemon thread with ``threads`` torch threads (default: the creating
+    thread's count); ``max_queue`` requests may wait for a row beyond the engine's ``max_batch``
+    decoding ones (a request counts until its route releases it)."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64):
+    def __init__(self, engine: Engine, max_queue: int = 64, threads: Optional[int] = None):
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         self.engine = engine
+        self.threads = torch.get_num_threads() if threads is None else threads
         self.capacity = engine.config.max_batch + max_queue
         self._commands: queue.Queue = queue.Queue()
         self._handles: dict[int, Handle] = {}
@@ -75,7 +89,7 @@ class EngineLoop:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, args=(torch.get_num_threads(),),
+            self._thread = threading.Thread(target=self._run, args=(self.threads,),
                                             name="d2f-engine", daemon=True)
             self._thread.start()
 
@@ -118,8 +132,8 @@ class EngineLoop:
     # --- the engine thread --------------------------------------------------------------------
 
     def _run(self, threads: int) -> None:
-        # A new thread sizes its own thread pools (MKL's from the machine, not the process's
-        # setting); without this a CPU engine step here took 1.6x as long as on the main thread.
+        # A new thread starts from OpenMP's default count (the machine's cores), not the
+        # creating thread's setting.
         torch.set_num_threads(threads)
         while True:
             # Sleep on the queue only when there is nothing to decode.
@@ -147,6 +161,7 @@ class EngineLoop:
                 continue
             self.steps += 1
             self.step_seconds += time.perf_counter() - t0
+            news: dict[asyncio.AbstractEventLoop, list] = {}
             for o in outputs:
                 r = o.request
                 handle = self._handles.get(r.id)
@@ -154,7 +169,11 @@ class EngineLoop:
                     continue
                 if r.finished:
                     del self._handles[r.id]
-                handle._deliver(Event(tuple(o.new_tokens), r.finish_reason, r.forwards))
+                news.setdefault(handle.loop, []).append((handle, Event(tuple(o.new_tokens), r.finish_reason, r.forwards)))
+            # One wake-up of each event loop per step, not one per request: each wake-up hands
+            # the GIL to the loop's thread while this one waits to take it back.
+            for loop, batch in news.items():
+                _deliver_all(loop, batch)
 
     def _apply(self, kind: str, handle: Handle) -> None:
         if kind == "add":

@@ -17,10 +17,11 @@ from .params import ModelInfo
 
 
 def build_app(model, *, name: Optional[str] = None, max_batch: int = 8, max_len: Optional[int] = None,
-              max_queue: int = 64):
+              max_queue: int = 64, threads: Optional[int] = None):
     """The FastAPI app serving ``model`` (loaded by AutoD2FModel: its tokenizer and
     generation_config attached) on an engine of ``max_batch`` rows of ``max_len`` positions
-    (default the model's context); the block size is the generation_config's."""
+    (default the model's context), stepped with ``threads`` torch threads (default: this
+    thread's count); the block size is the generation_config's."""
     mc = model.config
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("model: serving text needs the checkpoint's tokenizer, and it has none")
@@ -33,7 +34,7 @@ def build_app(model, *, name: Optional[str] = None, max_batch: int = 8, max_len:
     info = ModelInfo(name=name or "d2f", tokenizer=model.tokenizer, generation_config=gc,
                      block_size=block_size, max_len=engine.max_len, vocab_size=mc.vocab_size,
                      mask_token_id=mc.mask_token_id, eos_id=None if eos is None else int(eos))
-    return create_app(EngineLoop(engine, max_queue=max_queue), info)
+    return create_app(EngineLoop(engine, max_queue=max_queue, threads=threads), info)
 
 
 def model_name(path: str) -> str:

@@ -7,10 +7,13 @@ Per number of clients: generated tokens/s (all completion tokens over the wall t
 first token (from sending to the first text chunk; median and p90), request latency, and the
 share of wall time the server spent inside the engine's steps (the rest is HTTP, tokenizing and
 waiting). The baseline is ``model.generate`` on each request alone in this process, with the
-same threads and the server idle, measured right before each level. Greedy outputs are compared with the baseline's, request by
-request. Prints a table, writes JSON, a markdown table and a plot.
+same threads and the server idle, measured right before each level. Beside it, the same
+batching without the server: an engine of N rows in this process fed by N emulated clients,
+what serving would give with no HTTP, no client and no thread beside the engine's. Greedy
+outputs are compared with the baseline's, request by request. Prints a table, writes JSON, a
+markdown table and a plot.
 
-    python -m d2f_bench.serve [--requests 64] [--clients 1 4 16 64] [--threads 2] [--out results/serve]
+    python -m d2f_bench.serve [--requests 256] [--clients 1 4 16 64] [--threads 2] [--out results/serve]
     python -m d2f_bench.serve --small   # a quick smoke run
 """
 
@@ -33,6 +36,8 @@ import torch
 from d2f_bench.common import environment, torch_threads, write_json, write_markdown
 from d2f_ext import AutoD2FModel
 from d2f_ext.cli import DEFAULT_MODEL
+from d2f_ext.config import D2FConfig
+from d2f_ext.engine import Engine, EngineConfig
 
 NAME = "d2f-math"
 NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Max", "Ivy", "Sam"]
@@ -64,14 +69,18 @@ class FirstToken:
         pass
 
 
+def chat_ids(tok, question: str) -> list[int]:
+    text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
 def alone(model, prompts: list[str], max_tokens: int) -> dict:
     """model.generate on each request alone: texts, tokens, seconds, first-token times."""
     tok = model.tokenizer
     texts, tokens, ttft = [], 0, []
     t0 = time.perf_counter()
     for q in prompts:
-        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        ids = torch.tensor([chat_ids(tok, q)])
         streamer = FirstToken()
         out = model.generate(ids, max_new_tokens=max_tokens, streamer=streamer, return_dict_in_generate=True)
         n = int(out.new_tokens[0])
@@ -79,6 +88,26 @@ def alone(model, prompts: list[str], max_tokens: int) -> dict:
         texts.append(tok.decode(out.sequences[0, ids.shape[1]: ids.shape[1] + n], skip_special_tokens=True))
         ttft.append(streamer.first)
     return {"texts": texts, "tokens": tokens, "seconds": time.perf_counter() - t0, "ttft": ttft}
+
+
+def in_process(model, prompts: list[str], clients: int, max_tokens: int) -> dict:
+    """The server's batching without the server: an engine of ``clients`` rows in this process,
+    each emulated client adding its next request as soon as its last one ends. Tokens, seconds."""
+    cfg = D2FConfig.from_generation_config(model.generation_config, max_new_tokens=max_tokens)
+    engine = Engine(model, EngineConfig(max_batch=clients, max_len=model.config.max_position_embeddings,
+                                        block_size=cfg.block_size))
+    todo = [chat_ids(model.tokenizer, q) for q in prompts]
+    t0 = time.perf_counter()
+    running = [engine.add_request(todo.pop(0), cfg) for _ in range(min(clients, len(todo)))]
+    done = []
+    while running:
+        engine.step()
+        for r in [r for r in running if r.finished]:
+            running.remove(r)
+            done.append(r)
+            if todo:
+                running.append(engine.add_request(todo.pop(0), cfg))
+    return {"tokens": sum(len(r.output) for r in done), "seconds": time.perf_counter() - t0}
 
 
 async def serve_level(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
@@ -143,10 +172,12 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] if len(values) > 1 else values[0]
 
 
-def row(clients: int, base: dict, level: dict, engine_seconds: float, steps: int) -> dict:
+def row(clients: int, base: dict, level: dict, inproc: dict, engine_seconds: float, steps: int) -> dict:
     tps, base_tps = level["tokens"] / level["seconds"], base["tokens"] / base["seconds"]
+    inproc_tps = inproc["tokens"] / inproc["seconds"]
     return {"clients": clients, "tokens": level["tokens"], "seconds": level["seconds"], "tokens_per_s": tps,
             "alone_tokens_per_s": base_tps, "speedup": tps / base_tps,
+            "in_process_tokens_per_s": inproc_tps, "in_process_speedup": inproc_tps / base_tps,
             "ttft_median_s": statistics.median(level["ttft"]), "ttft_p90_s": quantile(level["ttft"], 0.9),
             "latency_median_s": statistics.median(level["latency"]),
             "alone_ttft_median_s": statistics.median(base["ttft"]), "alone_ttft_p90_s": quantile(base["ttft"], 0.9),
@@ -157,7 +188,7 @@ def row(clients: int, base: dict, level: dict, engine_seconds: float, steps: int
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads, the server's and the baseline's")
@@ -184,20 +215,22 @@ def main(argv=None) -> dict:
                 # The baseline is measured right before each level (the server idle), so that both
                 # see the same machine load.
                 base = alone(model, prompts, a.max_tokens)
+                inproc = in_process(model, prompts, clients, a.max_tokens)
                 asyncio.run(serve_level(url, prompts[:2], 1, a.max_tokens))  # warm-up
                 before = health(url)
                 level = asyncio.run(serve_level(url, prompts, clients, a.max_tokens))
                 after = health(url)
-                rows.append(row(clients, base, level, after["step_seconds"] - before["step_seconds"],
+                rows.append(row(clients, base, level, inproc, after["step_seconds"] - before["step_seconds"],
                                 after["steps"] - before["steps"]))
     finally:
         proc.terminate()
         proc.wait(30)
 
-    print(f"{'clients':>7} {'tok/s':>8} {'alone':>8} {'speedup':>8} {'TTFT med':>9} {'TTFT p90':>9} "
+    print(f"{'clients':>7} {'tok/s':>8} {'alone':>8} {'speedup':>8} {'in proc':>8} {'TTFT med':>9} {'TTFT p90':>9} "
           f"{'alone TTFT':>10} {'engine':>7} {'identical':>10}")
     for r in rows:
         print(f"{r['clients']:7d} {r['tokens_per_s']:8.1f} {r['alone_tokens_per_s']:8.1f} {r['speedup']:7.2f}x "
+              f"{r['in_process_speedup']:7.2f}x "
               f"{r['ttft_median_s'] * 1e3:7.0f}ms {r['ttft_p90_s'] * 1e3:7.0f}ms {r['alone_ttft_median_s'] * 1e3:8.0f}ms "
               f"{r['engine_share']:7.0%} {r['identical']:>5}/{len(prompts)}")
     identical = all(r["identical"] == len(prompts) for r in rows)
@@ -206,9 +239,11 @@ def main(argv=None) -> dict:
     payload = {"env": env, "args": args, "rows": rows, "all_identical": identical}
     write_json(os.path.join(a.out, "serve.json"), payload)
     write_markdown(os.path.join(a.out, "serve.md"),
-                   ["clients", "tokens / s", "one at a time: tokens / s", "speedup", "TTFT median (ms)",
+                   ["clients", "tokens / s", "one at a time: tokens / s", "speedup",
+                    "engine in process, no server: speedup", "TTFT median (ms)",
                     "TTFT p90 (ms)", "one at a time: TTFT median (ms)", "time in engine steps", "outputs identical"],
                    [[r["clients"], f"{r['tokens_per_s']:.1f}", f"{r['alone_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
+                     f"{r['in_process_speedup']:.2f}x",
                      f"{r['ttft_median_s'] * 1e3:.0f}", f"{r['ttft_p90_s'] * 1e3:.0f}",
                      f"{r['alone_ttft_median_s'] * 1e3:.0f}", f"{r['engine_share']:.0%}", f"{r['identical']}/{len(prompts)}"]
                     for r in rows])
@@ -224,6 +259,7 @@ def plot(rows, path):
     x = [r["clients"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     axes[0].plot(x, [r["tokens_per_s"] for r in rows], "o-", label="d2f-serve")
+    axes[0].plot(x, [r["in_process_tokens_per_s"] for r in rows], "s:", label="engine in process (no server)")
     axes[0].plot(x, [r["alone_tokens_per_s"] for r in rows], "x--", color="gray", label="one at a time")
     axes[0].set_ylabel("generated tokens / s")
     axes[1].plot(x, [r["ttft_median_s"] * 1e3 for r in rows], "o-", label="median")
