@@ -85,7 +85,7 @@ def build_ext_cmdclass():
 
 EVAL = ["lm-eval>=0.4,<0.5", "accelerate"]  # d2f-eval
 SERVE = ["fastapi", "uvicorn"]  # d2f-serve
-RECIPE = ["peft", "tqdm", "matplotlib"]  # python -m d2f_recipe.*, d2f_bench.* (plots)
+RECIPE = ["peft", "tqdm", "matplotlib", "psutil"]  # python -m d2f_recipe.*, d2f_bench.* (plots, CPU shares)
 
 setup(
     name="d2f_ext",

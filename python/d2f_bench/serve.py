@@ -6,7 +6,9 @@ model's task) through the ``openai`` client, streamed, each client one request a
 Per number of clients: generated tokens/s (all completion tokens over the wall time), time to
 first token (from sending to the first text chunk; median and p90), request latency, and the
 share of wall time the server spent inside the engine's steps (the rest is HTTP, tokenizing and
-waiting). The baseline is ``model.generate`` on each request alone in this process, with the
+waiting), tokens per engine step against the in-process engine's (rows left idle between a
+client's requests), and the CPU cores the clients, the server's HTTP thread and its engine
+threads each took (they share the machine). The baseline is ``model.generate`` on each request alone in this process, with the
 same threads and the server idle, measured right before each level. Beside it, the same
 batching without the server: an engine of N rows in this process fed by N emulated clients,
 what serving would give with no HTTP, no client and no thread beside the engine's. Greedy
@@ -99,15 +101,40 @@ def in_process(model, prompts: list[str], clients: int, max_tokens: int) -> dict
     todo = [chat_ids(model.tokenizer, q) for q in prompts]
     t0 = time.perf_counter()
     running = [engine.add_request(todo.pop(0), cfg) for _ in range(min(clients, len(todo)))]
-    done = []
+    done, steps = [], 0
     while running:
         engine.step()
+        steps += 1
         for r in [r for r in running if r.finished]:
             running.remove(r)
             done.append(r)
             if todo:
                 running.append(engine.add_request(todo.pop(0), cfg))
-    return {"tokens": sum(len(r.output) for r in done), "seconds": time.perf_counter() - t0}
+    return {"tokens": sum(len(r.output) for r in done), "seconds": time.perf_counter() - t0, "steps": steps}
+
+
+class CPUShares:
+    """CPU cores taken between ``start`` and ``stop`` by this process (the clients), the server's
+    main thread (HTTP) and its other threads (the engine's and its OpenMP workers)."""
+
+    def __init__(self, server_pid: int):
+        import psutil
+
+        self.me, self.server, self.pid = psutil.Process(), psutil.Process(server_pid), server_pid
+
+    def _read(self):
+        mine = self.me.cpu_times()
+        threads = {t.id: t.user_time + t.system_time for t in self.server.threads()}
+        http = threads.pop(self.pid, 0.0)
+        return time.perf_counter(), mine.user + mine.system, http, sum(threads.values())
+
+    def start(self):
+        self.t0 = self._read()
+
+    def stop(self) -> dict:
+        t1 = self._read()
+        wall = t1[0] - self.t0[0]
+        return {name: (b - a) / wall for name, a, b in zip(("clients", "http", "engine"), self.t0[1:], t1[1:])}
 
 
 async def serve_level(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
@@ -172,7 +199,7 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] if len(values) > 1 else values[0]
 
 
-def row(clients: int, base: dict, level: dict, inproc: dict, engine_seconds: float, steps: int) -> dict:
+def row(clients: int, base: dict, level: dict, inproc: dict, engine_seconds: float, steps: int, cpu: dict) -> dict:
     tps, base_tps = level["tokens"] / level["seconds"], base["tokens"] / base["seconds"]
     inproc_tps = inproc["tokens"] / inproc["seconds"]
     return {"clients": clients, "tokens": level["tokens"], "seconds": level["seconds"], "tokens_per_s": tps,
@@ -182,6 +209,8 @@ def row(clients: int, base: dict, level: dict, inproc: dict, engine_seconds: flo
             "latency_median_s": statistics.median(level["latency"]),
             "alone_ttft_median_s": statistics.median(base["ttft"]), "alone_ttft_p90_s": quantile(base["ttft"], 0.9),
             "engine_share": engine_seconds / level["seconds"], "steps": steps,
+            "tokens_per_step": level["tokens"] / steps, "in_process_tokens_per_step": inproc["tokens"] / inproc["steps"],
+            "cpu_cores": cpu,
             "identical": sum(x == y for x, y in zip(level["texts"], base["texts"]))}
 
 
@@ -205,6 +234,7 @@ def main(argv=None) -> dict:
     prompts = questions(a.requests)
 
     proc, url = start_server(a.model, max(a.clients), a.threads)
+    cpu = CPUShares(proc.pid)
     rows = []
     try:
         with torch_threads(a.threads):
@@ -218,21 +248,25 @@ def main(argv=None) -> dict:
                 inproc = in_process(model, prompts, clients, a.max_tokens)
                 asyncio.run(serve_level(url, prompts[:2], 1, a.max_tokens))  # warm-up
                 before = health(url)
+                cpu.start()
                 level = asyncio.run(serve_level(url, prompts, clients, a.max_tokens))
+                shares = cpu.stop()
                 after = health(url)
                 rows.append(row(clients, base, level, inproc, after["step_seconds"] - before["step_seconds"],
-                                after["steps"] - before["steps"]))
+                                after["steps"] - before["steps"], shares))
     finally:
         proc.terminate()
         proc.wait(30)
 
     print(f"{'clients':>7} {'tok/s':>8} {'alone':>8} {'speedup':>8} {'in proc':>8} {'TTFT med':>9} {'TTFT p90':>9} "
-          f"{'alone TTFT':>10} {'engine':>7} {'identical':>10}")
+          f"{'alone TTFT':>10} {'engine':>7} {'tok/step':>13} {'cores: clients http engine':>27} {'identical':>10}")
     for r in rows:
         print(f"{r['clients']:7d} {r['tokens_per_s']:8.1f} {r['alone_tokens_per_s']:8.1f} {r['speedup']:7.2f}x "
               f"{r['in_process_speedup']:7.2f}x "
               f"{r['ttft_median_s'] * 1e3:7.0f}ms {r['ttft_p90_s'] * 1e3:7.0f}ms {r['alone_ttft_median_s'] * 1e3:8.0f}ms "
-              f"{r['engine_share']:7.0%} {r['identical']:>5}/{len(prompts)}")
+              f"{r['engine_share']:7.0%} {r['tokens_per_step']:6.1f}/{r['in_process_tokens_per_step']:<6.1f} "
+              f"{r['cpu_cores']['clients']:13.2f} {r['cpu_cores']['http']:5.2f} {r['cpu_cores']['engine']:6.2f} "
+              f"{r['identical']:>5}/{len(prompts)}")
     identical = all(r["identical"] == len(prompts) for r in rows)
     print(f"every greedy output identical to generate alone: {identical}")
     args = dict(vars(a), model=os.path.basename(os.path.normpath(a.model)))  # no machine paths in results
@@ -241,11 +275,15 @@ def main(argv=None) -> dict:
     write_markdown(os.path.join(a.out, "serve.md"),
                    ["clients", "tokens / s", "one at a time: tokens / s", "speedup",
                     "engine in process, no server: speedup", "TTFT median (ms)",
-                    "TTFT p90 (ms)", "one at a time: TTFT median (ms)", "time in engine steps", "outputs identical"],
+                    "TTFT p90 (ms)", "one at a time: TTFT median (ms)", "time in engine steps",
+                    "tokens per step (in process)", "CPU cores: clients / HTTP / engine", "outputs identical"],
                    [[r["clients"], f"{r['tokens_per_s']:.1f}", f"{r['alone_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
                      f"{r['in_process_speedup']:.2f}x",
                      f"{r['ttft_median_s'] * 1e3:.0f}", f"{r['ttft_p90_s'] * 1e3:.0f}",
-                     f"{r['alone_ttft_median_s'] * 1e3:.0f}", f"{r['engine_share']:.0%}", f"{r['identical']}/{len(prompts)}"]
+                     f"{r['alone_ttft_median_s'] * 1e3:.0f}", f"{r['engine_share']:.0%}",
+                     f"{r['tokens_per_step']:.1f} ({r['in_process_tokens_per_step']:.1f})",
+                     " / ".join(f"{r['cpu_cores'][k]:.2f}" for k in ("clients", "http", "engine")),
+                     f"{r['identical']}/{len(prompts)}"]
                     for r in rows])
     plot(rows, os.path.join(a.out, "serve.png"))
     print(f"wrote {a.out}/serve.json, serve.md and serve.png")
