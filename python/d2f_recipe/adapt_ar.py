@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="checkpoint folder (also holds the resume state)")
     p.add_argument("--anneal", type=int, default=300, help="steps from causal to bidirectional attention")
     train_teacher.add_diffusion_args(p)
-    tc.add_run_args(p, steps=3000, lr=2e-4, warmup=50, save_every=200)
+    tc.add_run_args(p, steps=6000, lr=2e-4, warmup=50, save_every=200)
     p.set_defaults(semi_ar_share=0.75, ar_share=0.5, batch=32)
     a = p.parse_args(argv)
     if a.anneal < 0 or a.steps < 1:
