@@ -40,7 +40,7 @@ def test_writes_the_solution_format_on_held_out_problems(model):
     answers = [tok.decode(row[width:], skip_special_tokens=True) for row in out.sequences]
     assert sum(task_math.answer_of(a) is not None for a in answers) >= 5, answers  # untrained: 0
     right, written = map(sum, zip(*(task_math.steps_right(a) for a in answers)))
-    assert written >= len(problems) and right > 0
+    assert written >= 2 * len(problems) and right > 0
     assert float(out.tokens_per_forward.mean()) > 1.2  # D2F decodes more than a token per forward
     # The kernel path and the plain-PyTorch loop agree on the trained model too.
     assert torch.equal(model.generate(**enc, decoder="reference"), out.sequences)

@@ -8,8 +8,8 @@ first token (from sending to the first text chunk; median and p90), request late
 share of wall time the server spent inside the engine's steps (the rest is HTTP, tokenizing and
 waiting), tokens per engine step against the in-process engine's (rows left idle between a
 client's requests), and the CPU cores the clients, the server's HTTP thread and its engine
-threads each took (they share the machine). The baseline is ``model.generate`` on each request alone in this process, with the
-same threads and the server idle, measured right before each level. Beside it, the same
+threads each took (they share the machine). The baseline is ``model.generate`` on each request
+alone in this process, with the same threads and the server idle, measured right before each level. Beside it, the same
 batching without the server: an engine of N rows in this process fed by N emulated clients,
 what serving would give with no HTTP, no client and no thread beside the engine's. Greedy
 outputs are compared with the baseline's, request by request. Prints a table, writes JSON, a
@@ -120,12 +120,12 @@ class CPUShares:
     def __init__(self, server_pid: int):
         import psutil
 
-        self.me, self.server, self.pid = psutil.Process(), psutil.Process(server_pid), server_pid
+        self.me, self.server = psutil.Process(), psutil.Process(server_pid)
 
     def _read(self):
         mine = self.me.cpu_times()
         threads = {t.id: t.user_time + t.system_time for t in self.server.threads()}
-        http = threads.pop(self.pid, 0.0)
+        http = threads.pop(self.server.pid, 0.0)  # the main thread's id is the process's
         return time.perf_counter(), mine.user + mine.system, http, sum(threads.values())
 
     def start(self):
