@@ -358,13 +358,11 @@ class Engine:
             # skip the padding. Compact steps read the plan on the host anyway; one more read is cheap.
             packed = (block_ids >= 0).view(-1).nonzero().squeeze(1)
             packed = None if packed.numel() == block_ids.numel() else packed
-        hidden = self.model.window_hidden(tokens, pos.long(), block_ids, self.cache, win_start, commit,
-                                          cache_rows=None if live is None else live.to(torch.int32),
-                                          packed=packed)
         # The head runs on the masked positions only (in position order, so unmask's ties and
         # forced picks are unchanged), plus for Dream the committed span's last position, whose
         # logits predict the next window's first. A sampled row's noise is keyed by window
-        # position, so a batch with one reads whole windows.
+        # position, so a batch with one reads whole windows. The last layer's MLP runs on
+        # those positions only.
         ar = torch.arange(W, device=self.device)
         if sampled is not None:
             reads = W
@@ -381,7 +379,10 @@ class Engine:
         src = (read - shift).clamp(min=0)
         if shift:
             src = torch.cat([src, (commit.long() - 1).clamp(min=0)[:, None]], 1)
-        logits = self.model.head(hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1])))
+        hidden = self.model.window_hidden(tokens, pos.long(), block_ids, self.cache, win_start, commit,
+                                          cache_rows=None if live is None else live.to(torch.int32),
+                                          packed=packed, outputs=src)
+        logits = self.model.head(hidden)
         if shift:
             prev = self.prev_logits if live is None else self.prev_logits[live]
             carried = torch.where((commit > 0)[:, None], logits[:, reads], prev.to(logits.dtype))

@@ -101,6 +101,29 @@ def test_prompt_admitted_mid_run_costs_only_its_positions(model, monkeypatch):
         assert r.generated == alone.generated[0].tolist() and r.forwards == int(alone.forwards[0])
 
 
+def test_last_layer_mlp_runs_on_the_read_positions_only(model):
+    """Every layer but the last runs its MLP on every window position; the last one on the
+    positions whose logits are read (the masked ones, Dream: shifted, plus its carried one)."""
+    rng = random.Random(5)
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=60, block_size=4))
+    rows = []
+    layers = list(model.decoder_layers())
+    hooks = [layers[i].get_submodule(layers[i].PARTS[-1]).register_forward_hook(
+        lambda mod, args, out, i=i: rows.append((i, args[0].shape[:-1].numel()))) for i in (0, len(layers) - 1)]
+    try:
+        cfg = D2FConfig(block_size=4, skip_threshold=0.9, max_new_tokens=16)
+        prompts = [_prompt(model, rng) + [5] * 4 for _ in range(2)]
+        for p in prompts:
+            engine.add_request(p, cfg)
+        engine.step()  # the first window: the prompt and block 1, whose 4 positions are masked
+    finally:
+        for h in hooks:
+            h.remove()
+    (first, every), (last, read) = rows
+    assert first == 0 and last == len(layers) - 1
+    assert every == sum(map(len, prompts)) + 2 * 4 and read == 2 * (4 + model.config.logit_shift)
+
+
 def test_abort_frees_the_row_and_costs_no_more_compute(model, monkeypatch):
     rng = random.Random(7)
     engine = Engine(model, EngineConfig(max_batch=2, max_len=60, block_size=4))

@@ -135,11 +135,12 @@ def test_forward_is_differentiable():
 # --- the cached window forward --------------------------------------------------------------
 
 def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_rows=None, cache_batch=None,
-             packed=False):
+             packed=False, outputs=False):
     """Run D2F-like windows over rows with their own prompt lengths and commit schedules,
     changing not-yet-cached tokens between steps. After every step, each row's window logits
     must equal the full block-causal forward of that row's current tokens. packed: the layers
-    run on the windows' real positions only (their hidden states at the padding are zeros)."""
+    run on the windows' real positions only (their hidden states at the padding are zeros).
+    outputs: the forward returns a shuffled subset of each row's positions only."""
     torch.manual_seed(2)
     V, mask_id = model.config.vocab_size, model.config.mask_token_id
     B = len(prompts)
@@ -163,7 +164,21 @@ def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_
             win_bid[b, : e - s] = bids[b][s:e]
         lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
         commit_len = torch.tensor(commit, dtype=torch.int32, device=device)
-        if packed:
+        if outputs:
+            # Every row asks for R positions: its real ones last to first, every other one,
+            # then padding positions (whose states are not checked).
+            wanted = [list(range(e - s - 1, -1, -2)) for e, s in zip(ends, cache_lens)]
+            R = max(map(len, wanted))
+            at = torch.tensor([w + [W - 1] * (R - len(w)) for w in wanted], device=device)
+            real = win_bid.view(-1) >= 0
+            hidden = model.window_hidden(win_ids, win_pos, win_bid, cache, lens, commit_len, cache_rows=rows,
+                                         attn=attn, packed=real.nonzero().squeeze(1) if packed else None,
+                                         outputs=at)
+            assert hidden.shape[:2] == (B, R)
+            logits = torch.zeros(B, W, V, device=device)
+            for b, w in enumerate(wanted):
+                logits[b, w] = model.head(hidden[b, : len(w)])
+        elif packed:
             real = win_bid.view(-1) >= 0
             hidden = model.window_hidden(win_ids, win_pos, win_bid, cache, lens, commit_len, cache_rows=rows,
                                          attn=attn, packed=real.nonzero().squeeze(1))
@@ -176,7 +191,8 @@ def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_
             s, e = cache_lens[b], ends[b]
             with torch.no_grad():
                 want = model(tokens[b][None, :e], block_ids=bids[b][None, :e])[0, s:e]
-            torch.testing.assert_close(logits[b, : e - s], want, rtol=1e-4, atol=1e-4)
+            rows_checked = list(range(e - s - 1, -1, -2)) if outputs else slice(None)
+            torch.testing.assert_close(logits[b, : e - s][rows_checked], want[rows_checked], rtol=1e-4, atol=1e-4)
             cache_lens[b] += commit[b]
             # Decode a few still-uncached positions, as a D2F step would.
             change = torch.arange(cache_lens[b], e, device=device)[::3]
@@ -204,6 +220,17 @@ def test_packed_window_forward_matches_full_block_causal(arch, attn, device):
     commits = [[11, 4, 0], [0, 4, 6], [4, 0, 4], [4, 4, 0]]
     simulate(model, prompts=[11, 4, 6], block_size=4, n_blocks=4, commits=commits, attn=ATTN[attn], device=device,
              cache_rows=[1, 3, 0], cache_batch=4, packed=True)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_window_forward_of_chosen_positions(arch, packed, device):
+    """Final states asked for a subset of positions (the last layer's MLP runs on those only):
+    the same logits as the full block-causal forward's at those positions, the same cache."""
+    model = make_model(arch).to(device)
+    commits = [[11, 4, 0], [0, 4, 6], [4, 0, 4], [4, 4, 0]]
+    simulate(model, prompts=[11, 4, 6], block_size=4, n_blocks=4, commits=commits, attn=ATTN["ops"], device=device,
+             cache_rows=[1, 3, 0], cache_batch=4, packed=packed, outputs=True)
 
 
 @pytest.mark.parametrize("attn", list(ATTN))

@@ -95,7 +95,8 @@ class DiffusionLM(nn.Module):
     def window_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, block_ids: torch.Tensor,
                       cache: KVCache, cache_lens: torch.Tensor, commit_len: torch.Tensor,
                       cache_rows: Optional[torch.Tensor] = None,
-                      attn: Optional[ModuleType] = None, packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      attn: Optional[ModuleType] = None, packed: Optional[torch.Tensor] = None,
+                      outputs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final hidden states [B, W, hidden] of a window over the KV cache, before the output
         head (:meth:`head`), so a decoder can run the head on the positions it reads only.
 
@@ -112,6 +113,11 @@ class DiffusionLM(nn.Module):
         positions only, as one sequence, so rows of unequal windows batched together cost no
         more than their own positions; the padding's hidden states come back as zeros. Its
         size is data-dependent, so not for a step captured in a CUDA graph.
+
+        outputs: int64 [B, R], the window positions whose final hidden states are wanted; the
+        result is then [B, R, hidden]. The last layer still computes every position's K and V
+        (for the cache and for attention), but its output projection and MLP, most of a
+        layer's work, run on those R positions only.
         """
         if attn is None:
             from .. import ops as attn
@@ -121,7 +127,8 @@ class DiffusionLM(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         src_start = torch.zeros_like(commit_len)
         x = self.embedding()(input_ids)
-        for layer_idx, layer in enumerate(self.decoder_layers()):
+        layers = self.decoder_layers()
+        for layer_idx, layer in enumerate(layers):
             q, k, v = layer.qkv(x, cos, sin)
             if packed is not None:
                 q, k, v = (_unpack(t, packed, B, W) for t in (q, k, v))
@@ -129,10 +136,23 @@ class DiffusionLM(nn.Module):
             o = attn.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows,
                                scale=self.scale)
             attn.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, commit_len, cache_rows)
+            if outputs is not None and layer_idx == len(layers) - 1:
+                flat = (outputs + W * torch.arange(B, device=outputs.device)[:, None]).view(-1)
+                x = x.reshape(-1, x.shape[-1])[flat if packed is None else _packed_index(flat, packed, B * W)]
+                o = o.reshape(B * W, *o.shape[2:])[flat]
+                return layer.finish(x.view(*outputs.shape, -1), o.view(*outputs.shape, *o.shape[1:]))
             if packed is not None:
                 o = o.reshape(1, B * W, *o.shape[2:])[:, packed]
             x = layer.finish(x, o)
         return x if packed is None else _unpack(x, packed, B, W)
+
+
+def _packed_index(flat: torch.Tensor, packed: torch.Tensor, size: int) -> torch.Tensor:
+    """The packed indices of flat window indices; a padding position maps to 0, a real
+    position whose state the caller ignores."""
+    where = torch.zeros(size, dtype=torch.long, device=flat.device)
+    where[packed] = torch.arange(packed.numel(), device=flat.device)
+    return where[flat]
 
 
 def _unpack(t: torch.Tensor, packed: torch.Tensor, batch: int, width: int) -> torch.Tensor:
