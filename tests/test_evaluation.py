@@ -83,6 +83,15 @@ def test_task_data_is_the_evaluation_held_out_problems():
     assert [(r["question"], r["answer"]) for r in rows] == [(p.question, p.answer) for p in problems]
 
 
+def test_export_writes_the_package_task_data(tmp_path):
+    from d2f_recipe import export_eval_task
+
+    assert os.path.samefile(export_eval_task.OUT, os.path.join(TASKS_DIR, "d2f_math", "d2f_math_test.jsonl"))
+    export_eval_task.main(["--problems", "100", "--out", str(tmp_path / "data.jsonl")])
+    with open(export_eval_task.OUT) as shipped:
+        assert (tmp_path / "data.jsonl").read_text() == shipped.read()
+
+
 def test_package_tasks_are_found_by_name():
     from lm_eval.tasks import TaskManager
 

@@ -5,7 +5,8 @@ the paths alternating run by run. Both must give the same tokens and forwards; t
 generated tokens/s is what the engine saves (kernels, the output head only where logits are read,
 batching). Writes conformance.json, .md and .png.
 
-    python -m d2f_bench.conformance [--threads 2] [--repeat 3] [--out results/conformance]
+    python -m d2f_bench.conformance [--cases tests/data/conformance] [--threads 2] [--repeat 3]
+                                    [--out results/conformance]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from d2f_ext import D2FConfig
 from d2f_ext.decoding import decode
 from d2f_ext.models import load_model
 
-CASES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "conformance")
+CASES = os.path.join("tests", "data", "conformance")  # the repository's, from its root
 PATHS = ("engine, each prompt alone", "engine, each parameter set batched", "reference loop")
 
 
@@ -37,8 +38,8 @@ def _runs_by_params(case):
             for runs in groups.values()]
 
 
-def bench_case(name: str, repeat: int) -> list[dict]:
-    with open(os.path.join(CASES_DIR, f"{name}.json"), encoding="utf-8") as f:
+def bench_case(cases: str, name: str, repeat: int) -> list[dict]:
+    with open(os.path.join(cases, f"{name}.json"), encoding="utf-8") as f:
         case = json.load(f)
     folder = write_conformance_checkpoint(tempfile.mkdtemp(prefix=f"d2f_conf_{name}_"), case)
     model = load_model(folder)
@@ -90,14 +91,18 @@ def bench_case(name: str, repeat: int) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=CASES, help="folder of the conformance runs (llada.json, dream.json)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--repeat", type=int, default=3, help="timed passes per path (the fastest counts)")
     p.add_argument("--out", default="results/conformance")
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error(f"--repeat must be >= 1, got {a.repeat}")
+    missing = [n for n in ("llada", "dream") if not os.path.isfile(os.path.join(a.cases, f"{n}.json"))]
+    if missing:
+        p.error(f"--cases {a.cases!r} holds no {missing[0]}.json (run from the repository's root, or pass --cases)")
     with torch_threads(a.threads):
-        rows = [r for name in ("llada", "dream") for r in bench_case(name, a.repeat)]
+        rows = [r for name in ("llada", "dream") for r in bench_case(a.cases, name, a.repeat)]
         threads = torch.get_num_threads()
     for r in rows:
         print(f"{r['model']:6} {r['path']:36} {r['tokens_per_s']:8.1f} tok/s {r['vs_reference']:5.2f}x "

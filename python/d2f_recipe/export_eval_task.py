@@ -11,10 +11,12 @@ import argparse
 import json
 import os
 
+import d2f_ext
 from d2f_recipe import task_math
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "d2f_ext", "evaluation", "tasks",
-                   "d2f_math", "d2f_math_test.jsonl")
+# Inside the d2f_ext package as imported (the repository's with an editable install).
+OUT = os.path.join(os.path.dirname(os.path.abspath(d2f_ext.__file__)), "evaluation", "tasks", "d2f_math",
+                   "d2f_math_test.jsonl")
 
 
 def records(n: int) -> list[dict]:

@@ -1,0 +1,31 @@
+"""The benchmark programs run as their README commands do and write what they promise."""
+
+import json
+import os
+
+import pytest
+
+from d2f_bench import conformance
+
+
+def test_conformance_bench_runs_on_the_repository_cases(tmp_path):
+    """From the repository's root (where the tests run) the default --cases is found; a trimmed
+    copy, one run per model, gives the authors' tokens and forwards on every path."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("llada", "dream"):
+        with open(os.path.join(conformance.CASES, f"{name}.json"), encoding="utf-8") as f:
+            case = json.load(f)
+        case["d2f_runs"] = case["d2f_runs"][:1]
+        (cases / f"{name}.json").write_text(json.dumps(case))
+    rows = conformance.main(["--cases", str(cases), "--repeat", "1", "--threads", "1", "--out", str(tmp_path / "out")])
+    assert [r["path"] for r in rows] == list(conformance.PATHS) * 2
+    assert all(r["same_tokens_as_authors"] and r["same_forwards_as_authors"] for r in rows)
+    assert all(r["generated_tokens"] > 0 for r in rows)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"conformance.json", "conformance.md", "conformance.png"}
+
+
+def test_conformance_bench_names_a_missing_cases_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        conformance.main(["--cases", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--cases" in capsys.readouterr().err
