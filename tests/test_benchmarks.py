@@ -29,3 +29,14 @@ def test_conformance_bench_names_a_missing_cases_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         conformance.main(["--cases", str(tmp_path), "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "--cases" in capsys.readouterr().err
+
+
+def test_contention_bench_writes_every_setting(tmp_path):
+    from d2f_bench import contention
+
+    rows = contention.main(["--rows", "2", "--requests", "2", "--max-tokens", "8", "--repeat", "1",
+                            "--out", str(tmp_path)])
+    assert [(r["threads"], r["load"]) for r in rows] == [(1, 0.0), (1, 0.4), (2, 0.0), (2, 0.4)]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["vs_idle"] for r in rows if r["load"] == 0] == [1.0, 1.0]
+    assert {p.name for p in tmp_path.iterdir()} == {"contention.json", "contention.md", "contention.png"}
