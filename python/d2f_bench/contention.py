@@ -95,12 +95,11 @@ def plot(rows, load, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for i, threads in enumerate((1, 2)):
-        vals = [r["tokens_per_s"] for r in rows if r["threads"] == threads]
-        ax.bar([i - 0.2, i + 0.2], vals, width=0.4, color=["tab:blue", "tab:orange"])
+    for shift, busy in ((-0.2, False), (0.2, True)):
+        ax.bar([i + shift for i in range(2)], [r["tokens_per_s"] for r in rows if (r["load"] > 0) == busy],
+               width=0.4, label=f"beside a {load:.1f}-core load" if busy else "alone")
     ax.set_xticks([0, 1], ["1 thread", "2 threads"])
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue"), plt.Rectangle((0, 0), 1, 1, color="tab:orange")],
-              labels=["alone", f"beside a {load:.1f}-core load"], fontsize=8)
+    ax.legend(fontsize=8)
     ax.set_ylabel("generated tokens / s")
     ax.set_title("The engine in process, with and without a busy neighbour", fontsize=9)
     fig.tight_layout()
