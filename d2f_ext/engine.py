@@ -360,9 +360,9 @@ class Engine:
             packed = None if packed.numel() == block_ids.numel() else packed
         # The head runs on the masked positions only (in position order, so unmask's ties and
         # forced picks are unchanged), plus for Dream the committed span's last position, whose
-        # logits predict the next window's first. A sampled row's noise is keyed by window
-        # position, so a batch with one reads whole windows. The last layer's MLP runs on
-        # those positions only.
+        # logits predict the next window's first. The last layer's MLP runs on those positions
+        # only. A sampled row's noise is keyed by window position, so a batch with one reads
+        # whole windows, gathered after the forward (which then skips the padding).
         ar = torch.arange(W, device=self.device)
         if sampled is not None:
             reads = W
@@ -381,7 +381,9 @@ class Engine:
             src = torch.cat([src, (commit.long() - 1).clamp(min=0)[:, None]], 1)
         hidden = self.model.window_hidden(tokens, pos.long(), block_ids, self.cache, win_start, commit,
                                           cache_rows=None if live is None else live.to(torch.int32),
-                                          packed=packed, outputs=src)
+                                          packed=packed, outputs=src if sampled is None else None)
+        if sampled is not None:
+            hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.model.head(hidden)
         if shift:
             prev = self.prev_logits if live is None else self.prev_logits[live]

@@ -38,5 +38,17 @@ def test_contention_bench_writes_every_setting(tmp_path):
                             "--out", str(tmp_path)])
     assert [(r["threads"], r["load"]) for r in rows] == [(1, 0.0), (1, 0.4), (2, 0.0), (2, 0.4)]
     assert all(r["tokens_per_s"] > 0 for r in rows)
-    assert [r["vs_idle"] for r in rows if r["load"] == 0] == [1.0, 1.0]
+    assert all(len(r["samples"]) == 1 for r in rows)
     assert {p.name for p in tmp_path.iterdir()} == {"contention.json", "contention.md", "contention.png"}
+
+
+def test_serve_bench_reports_the_round_of_median_speedup():
+    from d2f_bench.serve import median_round
+
+    rounds = [dict(speedup=s, in_process_speedup=s + 1, identical=n, tokens_per_s=100 * s)
+              for s, n in ((3.0, 8), (1.0, 8), (2.0, 7))]
+    got = median_round(rounds)
+    assert got["speedup"] == 2.0 and got["tokens_per_s"] == 200.0  # one round's figures, whole
+    assert got["speedups"] == [3.0, 1.0, 2.0] and got["in_process_speedups"] == [4.0, 2.0, 3.0]
+    assert got["identical"] == 7
+    assert median_round(rounds[:2])["speedup"] == 1.0  # an even count: the lower middle

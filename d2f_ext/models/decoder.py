@@ -115,7 +115,8 @@ class DiffusionLM(nn.Module):
         size is data-dependent, so not for a step captured in a CUDA graph.
 
         outputs: int64 [B, R], the window positions whose final hidden states are wanted; the
-        result is then [B, R, hidden]. The last layer still computes every position's K and V
+        result is then [B, R, hidden] (a padding position's state is then not zeros but
+        meaningless). The last layer still computes every position's K and V
         (for the cache and for attention), but its output projection and MLP, most of a
         layer's work, run on those R positions only.
         """

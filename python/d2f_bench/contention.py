@@ -80,8 +80,8 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"threads {r['threads']}  neighbour {r['load']:.1f} core  {r['tokens_per_s']:8.1f} tok/s  "
               f"{r['vs_idle']:5.2f}x of idle")
-    write_json(os.path.join(a.out, "contention.json"),
-               {"env": environment(), "args": vars(a), "rows": rows})
+    args = dict(vars(a), model=os.path.basename(os.path.normpath(a.model)))  # no machine paths in results
+    write_json(os.path.join(a.out, "contention.json"), {"env": environment(), "args": args, "rows": rows})
     write_markdown(os.path.join(a.out, "contention.md"),
                    ["torch threads", "busy neighbour (cores)", "tokens / s", "vs the same threads, no neighbour"],
                    [[r["threads"], f"{r['load']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['vs_idle']:.2f}x"]

@@ -9,13 +9,15 @@ share of wall time the server spent inside the engine's steps (the rest is HTTP,
 waiting), tokens per engine step against the in-process engine's (rows left idle between a
 client's requests), and the CPU cores the clients, the server's HTTP thread and its engine
 threads each took (they share the machine). The baseline is ``model.generate`` on each request
-alone in this process, with the same threads and the server idle, measured right before each level. Beside it, the same
-batching without the server: an engine of N rows in this process fed by N emulated clients,
-what serving would give with no HTTP, no client and no thread beside the engine's. Greedy
-outputs are compared with the baseline's, request by request. Prints a table, writes JSON, a
-markdown table and a plot.
+alone in this process, with the same threads and the server idle, measured right before the
+server. Beside it, the same batching without the server: an engine of N rows in this process fed
+by N emulated clients, what serving would give with no HTTP, no client and no thread beside the
+engine's. Each level runs --repeat rounds of the three, and the round of median server speedup
+is reported, whole, with every round's speedup: this machine's speed drifts between minutes.
+Greedy outputs are compared with the baseline's, request by request. Prints a table, writes
+JSON, a markdown table and a plot.
 
-    python -m d2f_bench.serve [--requests 256] [--clients 1 4 16 64] [--threads 2] [--out results/serve]
+    python -m d2f_bench.serve [--requests 256] [--clients 1 4 16 64] [--threads 2] [--repeat 3] [--out results/serve]
     python -m d2f_bench.serve --small   # a quick smoke run
 """
 
@@ -214,6 +216,14 @@ def row(clients: int, base: dict, level: dict, inproc: dict, engine_seconds: flo
             "identical": sum(x == y for x, y in zip(level["texts"], base["texts"]))}
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round of median server speedup, whole (its figures come from one round), with every
+    round's speedups beside it and the fewest identical outputs of any round."""
+    pick = sorted(rounds, key=lambda r: r["speedup"])[(len(rounds) - 1) // 2]
+    return dict(pick, identical=min(r["identical"] for r in rounds),
+                speedups=[r["speedup"] for r in rounds], in_process_speedups=[r["in_process_speedup"] for r in rounds])
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -221,12 +231,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads, the server's and the baseline's")
-    ap.add_argument("--small", action="store_true", help="smoke run: 8 requests, 1 and 4 clients, 32 tokens")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds per level (baseline, in process, server); the round of median speedup is reported")
+    ap.add_argument("--small", action="store_true", help="smoke run: 8 requests, 1 and 4 clients, 32 tokens, 1 round")
     ap.add_argument("--out", default="results/serve")
     a = ap.parse_args(argv)
     if a.small:
-        a.requests, a.clients, a.max_tokens = 8, [1, 4], 32
-    for name in ("requests", "max_tokens", "threads"):
+        a.requests, a.clients, a.max_tokens, a.repeat = 8, [1, 4], 32, 1
+    for name in ("requests", "max_tokens", "threads", "repeat"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if any(c < 1 for c in a.clients):
@@ -242,18 +254,21 @@ def main(argv=None) -> dict:
             alone(model, prompts[:2], a.max_tokens)  # warm-up
             env = environment()
             for clients in a.clients:
-                # The baseline is measured right before each level (the server idle), so that both
-                # see the same machine load.
-                base = alone(model, prompts, a.max_tokens)
-                inproc = in_process(model, prompts, clients, a.max_tokens)
-                asyncio.run(serve_level(url, prompts[:2], 1, a.max_tokens))  # warm-up
-                before = health(url)
-                cpu.start()
-                level = asyncio.run(serve_level(url, prompts, clients, a.max_tokens))
-                shares = cpu.stop()
-                after = health(url)
-                rows.append(row(clients, base, level, inproc, after["step_seconds"] - before["step_seconds"],
-                                after["steps"] - before["steps"], shares))
+                rounds = []
+                for _ in range(a.repeat):
+                    # The baseline is measured right before the server (the server idle), so that
+                    # both see the same machine load.
+                    base = alone(model, prompts, a.max_tokens)
+                    inproc = in_process(model, prompts, clients, a.max_tokens)
+                    asyncio.run(serve_level(url, prompts[:2], 1, a.max_tokens))  # warm-up
+                    before = health(url)
+                    cpu.start()
+                    level = asyncio.run(serve_level(url, prompts, clients, a.max_tokens))
+                    shares = cpu.stop()
+                    after = health(url)
+                    rounds.append(row(clients, base, level, inproc, after["step_seconds"] - before["step_seconds"],
+                                      after["steps"] - before["steps"], shares))
+                rows.append(median_round(rounds))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -273,12 +288,12 @@ def main(argv=None) -> dict:
     payload = {"env": env, "args": args, "rows": rows, "all_identical": identical}
     write_json(os.path.join(a.out, "serve.json"), payload)
     write_markdown(os.path.join(a.out, "serve.md"),
-                   ["clients", "tokens / s", "one at a time: tokens / s", "speedup",
+                   ["clients", "tokens / s", "one at a time: tokens / s", "speedup", "speedup, each round",
                     "engine in process, no server: speedup", "TTFT median (ms)",
                     "TTFT p90 (ms)", "one at a time: TTFT median (ms)", "time in engine steps",
                     "tokens per step (in process)", "CPU cores: clients / HTTP / engine", "outputs identical"],
                    [[r["clients"], f"{r['tokens_per_s']:.1f}", f"{r['alone_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
-                     f"{r['in_process_speedup']:.2f}x",
+                     " / ".join(f"{x:.2f}x" for x in r["speedups"]), f"{r['in_process_speedup']:.2f}x",
                      f"{r['ttft_median_s'] * 1e3:.0f}", f"{r['ttft_p90_s'] * 1e3:.0f}",
                      f"{r['alone_ttft_median_s'] * 1e3:.0f}", f"{r['engine_share']:.0%}",
                      f"{r['tokens_per_step']:.1f} ({r['in_process_tokens_per_step']:.1f})",
