@@ -6,8 +6,8 @@ calls. Requests join a free row between two steps and leave when they finish (co
 batching); rows with different prompts, lengths, thresholds, temperatures and seeds decode
 together, each exactly as it would alone (sampled rows draw their noise from their own seed and
 step count, as a batch of one does). Each step is one forward over the in-flight windows, the
-output head on the window positions whose logits are read, unmask, and the block-state update
-(``d2f_ext.ops.pipeline_step``).
+output head (and the last layer's MLP) on the window positions whose logits are read, unmask,
+and the block-state update (``d2f_ext.ops.pipeline_step``).
 
 Two ways to drive the steps (the same tokens and forwards either way):
 
