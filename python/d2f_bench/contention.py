@@ -15,9 +15,7 @@ import statistics
 import subprocess
 import sys
 
-import torch
-
-from d2f_bench.common import environment, write_json, write_markdown
+from d2f_bench.common import environment, torch_threads, write_json, write_markdown
 from d2f_bench.serve import in_process, questions
 from d2f_ext import AutoD2FModel
 from d2f_ext.cli import DEFAULT_MODEL
@@ -36,12 +34,10 @@ while True:
 def measure(model, prompts, rows: int, max_tokens: int, threads: int, load: float) -> float:
     """Generated tokens/s of the in-process engine with ``threads`` threads beside ``load`` core."""
     busy = subprocess.Popen([sys.executable, "-c", BUSY, str(load)]) if load > 0 else None
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        r = in_process(model, prompts, rows, max_tokens)
+        with torch_threads(threads):
+            r = in_process(model, prompts, rows, max_tokens)
     finally:
-        torch.set_num_threads(old)
         if busy is not None:
             busy.kill()
             busy.wait()
