@@ -84,8 +84,8 @@ def build_ext_cmdclass():
 
 
 EVAL = ["lm-eval>=0.4,<0.5", "accelerate"]  # d2f-eval
-SERVE = ["fastapi", "uvicorn"]  # d2f-serve
-RECIPE = ["peft", "tqdm", "matplotlib", "psutil"]  # python -m d2f_recipe.*, d2f_bench.* (plots, CPU shares)
+SERVE = ["fastapi", "uvicorn[standard]"]  # d2f-serve (uvloop, httptools)
+RECIPE = ["peft", "tqdm", "matplotlib", "psutil", "aiohttp"]  # python -m d2f_recipe.*, d2f_bench.* (plots, CPU shares, clients)
 
 setup(
     name="d2f_ext",
