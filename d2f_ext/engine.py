@@ -394,16 +394,16 @@ class Engine:
             logits[:, 0] = torch.where((read[:, 0] == 0)[:, None], prev.to(logits.dtype), logits[:, 0])
         read_tokens = tokens.gather(1, read)
         read_ids = block_ids.gather(1, read).masked_fill(~inside, -1)
-        full = blocks[:, L.FULL]
+        fully_activated = blocks[:, L.FULLY_ACTIVATED]
         NB = blocks.shape[2]
         if len(unmask_groups) == 1 and unmask_groups[0][0] is None:
-            counts, eos_block = self._unmask(logits, read_tokens, read_ids, full, unmask_groups[0][1][0])
+            counts, eos_block = self._unmask(logits, read_tokens, read_ids, fully_activated, unmask_groups[0][1][0])
         else:
             counts = torch.zeros(rows.shape[0], NB, dtype=torch.int32, device=self.device)
             eos_block = torch.full((rows.shape[0],), -1, dtype=torch.int32, device=self.device)
             for idx, group in unmask_groups:
                 t = read_tokens[idx]
-                c, e = self._unmask(logits[idx], t, read_ids[idx], full[idx], group[0])
+                c, e = self._unmask(logits[idx], t, read_ids[idx], fully_activated[idx], group[0])
                 read_tokens[idx], counts[idx], eos_block[idx] = t, c, e
         cols = torch.where(inside, win_start[:, None].long() + read, S)
         seq.scatter_(1, cols, read_tokens)
@@ -426,11 +426,11 @@ class Engine:
                               eos_block if idx is None else eos_block[idx], bs, add, act)
             self.rows[at_rows], self.blocks[at_rows] = r, b
 
-    def _unmask(self, logits, tokens, block_ids, full, r: Request):
+    def _unmask(self, logits, tokens, block_ids, fully_activated, r: Request):
         c = r.cfg
         # A sampled row draws its noise from its own seed and step count, as a batch of one does.
-        return ops.unmask(logits, tokens, block_ids, full, self.model.config.mask_token_id,
-                          eos_id=-1 if r.eos_id is None else r.eos_id, threshold=c.skip_threshold,
+        return ops.unmask(logits, tokens, block_ids, fully_activated, self.model.config.mask_token_id,
+                          eos_id=-1 if r.eos_id is None else r.eos_id, skip_threshold=c.skip_threshold,
                           temperature=c.temperature, sampling_strategy=c.sampling_strategy,
                           seed=c.seed + r.steps, top_k=c.top_k, top_p=c.top_p)
 

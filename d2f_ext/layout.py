@@ -11,7 +11,7 @@ max_new_tokens) is not a multiple of block_size.
 NUM_BLOCKS, EOS_BLOCK, FINISHED, CACHE_LEN, WIN_START, WIN_LEN, COMMIT_LEN, FORWARDS, PROMPT_LEN, GEN_LEN = range(10)
 NUM_ROW_FIELDS = 10
 # blocks
-START, LEN, MASKED, STATE, FULL = range(5)
+START, LEN, MASKED, STATE, FULLY_ACTIVATED = range(5)
 NUM_BLOCK_FIELDS = 5
 # block states
 ACTIVE, TO_CACHE, IN_CACHE = range(3)

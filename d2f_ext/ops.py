@@ -122,7 +122,7 @@ def _filter_top_k_top_p(x: torch.Tensor, top_k: Optional[int], top_p: float) -> 
 
 def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
            fully_activated: torch.Tensor, mask_id: int, *, prev_logits: Optional[torch.Tensor] = None,
-           eos_id: int = -1, threshold: float = 0.9, temperature: float = 0.0,
+           eos_id: int = -1, skip_threshold: float = 0.9, temperature: float = 0.0,
            sampling_strategy: str = "default", seed: int = 0, top_k: Optional[int] = None,
            top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidence-threshold unmasking of one forward's logits, tokens written in place.
@@ -133,7 +133,7 @@ def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
     fully_activated: int32 [B, NB] (block i forced to progress when fully_activated[:, i]).
     prev_logits: [B, V] for models whose logits are shifted right by one (Dream): position w
     then reads logits row w - 1 and position 0 reads prev_logits.
-    A masked position is decoded when its probability p > threshold; a fully activated block
+    A masked position is decoded when its probability p > skip_threshold; a fully activated block
     that decodes nothing decodes its most confident position (sampling_strategy: "default" = p,
     "margin_confidence" = top1 - top2, "neg_entropy"). temperature > 0 samples with Gumbel noise
     drawn from (seed, row, position, token); top_k / top_p filter first (a slower path).
@@ -155,7 +155,7 @@ def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
             prev_logits = _filter_top_k_top_p(prev_logits.float() / scale, top_k, top_p)
         temperature = 1.0 if temperature > 0 else 0.0
     args = (logits, tokens, block_ids, fully_activated, prev_logits, int(mask_id), int(eos_id),
-            float(threshold), float(temperature), L.CONFIDENCES[sampling_strategy],
+            float(skip_threshold), float(temperature), L.CONFIDENCES[sampling_strategy],
             int(seed) & ((1 << 63) - 1))
     if not HAVE_C:
         return reference.unmask(*args)
@@ -163,8 +163,8 @@ def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
 
 
 def pipeline_step(rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor,
-                  eos_block: torch.Tensor, block_size: int, add_threshold: float,
-                  activate_threshold: float) -> None:
+                  eos_block: torch.Tensor, block_size: int, block_add_threshold: float,
+                  decoded_token_threshold: float) -> None:
     """Advance the D2F block-state machine of every row by one step, in place.
 
     rows: int32 [B, layout.NUM_ROW_FIELDS]; blocks: int32 [B, layout.NUM_BLOCK_FIELDS, NB];
@@ -172,7 +172,7 @@ def pipeline_step(rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor
     before the first forward). Applies them, finishes blocks, then plans the next forward
     (appends a block, activates, detects the end, sets the window and the commit span).
     """
-    args = (rows, blocks, counts, eos_block, int(block_size), float(add_threshold), float(activate_threshold))
+    args = (rows, blocks, counts, eos_block, int(block_size), float(block_add_threshold), float(decoded_token_threshold))
     if not HAVE_C:
         return reference.pipeline_step(*args)
     torch.ops.d2f_ext.pipeline_step(*args)
@@ -189,11 +189,11 @@ if HAVE_C:
 
     @torch.library.register_fake("d2f_ext::unmask")
     def _unmask_fake(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos_id,
-                     threshold, temperature, confidence, seed):
+                     skip_threshold, temperature, confidence, seed):
         B, NB = fully_activated.shape
         return (logits.new_empty((B, NB), dtype=torch.int32),
                 logits.new_empty((B,), dtype=torch.int32))
 
     @torch.library.register_fake("d2f_ext::pipeline_step")
-    def _pipeline_step_fake(rows, blocks, counts, eos_block, block_size, add_threshold, activate_threshold):
+    def _pipeline_step_fake(rows, blocks, counts, eos_block, block_size, block_add_threshold, decoded_token_threshold):
         return None

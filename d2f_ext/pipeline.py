@@ -15,20 +15,20 @@ from . import layout as L
 from . import ops
 
 
-def check_settings(block_size: int, add_threshold: float, activate_threshold: float) -> None:
+def check_settings(block_size: int, block_add_threshold: float, decoded_token_threshold: float) -> None:
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    for name, v in (("block_add_threshold", add_threshold), ("decoded_token_threshold", activate_threshold)):
+    for name, v in (("block_add_threshold", block_add_threshold), ("decoded_token_threshold", decoded_token_threshold)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v!r}")
 
 
 def init_rows(rows: torch.Tensor, blocks: torch.Tensor, prompt_lens: torch.Tensor, gen_lens: torch.Tensor,
-              block_size: int, add_threshold: float, activate_threshold: float) -> None:
+              block_size: int, block_add_threshold: float, decoded_token_threshold: float) -> None:
     """Reset ``rows`` / ``blocks`` (whole tensors, or the rows of a batch gathered and scattered
     back by the caller) to prompts of ``prompt_lens`` tokens with ``gen_lens`` tokens to generate
     each (int32 [B]), then plan their first forward: prompt + block 1."""
-    check_settings(block_size, add_threshold, activate_threshold)
+    check_settings(block_size, block_add_threshold, decoded_token_threshold)
     if prompt_lens.numel() and int(prompt_lens.min()) < 1:
         raise ValueError("prompt_lens must all be >= 1")
     if gen_lens.numel() and int(gen_lens.min()) < 1:
@@ -46,11 +46,11 @@ def init_rows(rows: torch.Tensor, blocks: torch.Tensor, prompt_lens: torch.Tenso
     blocks.zero_()
     blocks[:, L.LEN, 0] = prompt_lens
     blocks[:, L.STATE, 0] = L.TO_CACHE
-    blocks[:, L.FULL, 0] = 1
+    blocks[:, L.FULLY_ACTIVATED, 0] = 1
     B = rows.shape[0]
     ops.pipeline_step(rows, blocks, torch.zeros(B, NB, dtype=torch.int32, device=rows.device),
                       torch.full((B,), -1, dtype=torch.int32, device=rows.device),
-                      block_size, add_threshold, activate_threshold)
+                      block_size, block_add_threshold, decoded_token_threshold)
 
 
 def num_blocks_for(max_new_tokens: int, block_size: int) -> int:

@@ -112,7 +112,7 @@ def token_stats(rows: torch.Tensor, temperature: float, confidence: int, noise=N
 
 
 def unmask(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos_id,
-           threshold, temperature, confidence, seed):
+           skip_threshold, temperature, confidence, seed):
     B, W, V = logits.shape
     NB = fully_activated.shape[1]
     rows = logits if prev_logits is None else torch.cat([prev_logits[:, None], logits[:, :-1]], 1)
@@ -120,7 +120,7 @@ def unmask(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos
     token, p, conf = token_stats(rows, temperature, confidence, noise, mask_id)
     counts = torch.zeros(B, NB, dtype=torch.int32, device=logits.device)
     eos_block = torch.full((B,), -1, dtype=torch.int32, device=logits.device)
-    thr = torch.tensor(threshold, dtype=torch.float32)
+    thr = torch.tensor(skip_threshold, dtype=torch.float32)
     for b in range(B):
         # Ids past NB (which only the ops' value checks reject) are skipped like padding.
         masked = (tokens[b] == mask_id) & (block_ids[b] >= 0) & (block_ids[b] < NB)
@@ -137,7 +137,7 @@ def unmask(logits, tokens, block_ids, fully_activated, prev_logits, mask_id, eos
     return counts, eos_block
 
 
-def pipeline_step(rows, blocks, counts, eos_block, block_size, add_threshold, activate_threshold):
+def pipeline_step(rows, blocks, counts, eos_block, block_size, block_add_threshold, decoded_token_threshold):
     """One D2F state transition per row (see d2f_ext.layout and the spec steps in d2f_ext.pipeline):
     apply the last forward's decoded counts and EOS (spec step 6's bookkeeping), finish blocks
     (step 7), then plan the next forward: add (1), activate (2), done (3), window (4)."""
@@ -162,15 +162,15 @@ def pipeline_step(rows, blocks, counts, eos_block, block_size, add_threshold, ac
         # 1. add
         start = int(blk[L.START, n - 1] + blk[L.LEN, n - 1])
         budget_left = int(r[L.PROMPT_LEN] + r[L.GEN_LEN]) - start
-        if n < NB and budget_left > 0 and r[L.EOS_BLOCK] < 0 and decoded_fraction(n - 1) >= add_threshold:
+        if n < NB and budget_left > 0 and r[L.EOS_BLOCK] < 0 and decoded_fraction(n - 1) >= block_add_threshold:
             size = min(block_size, budget_left)
             blk[:, n] = torch.tensor([start, size, size, L.ACTIVE, 0], dtype=blk.dtype)
             n += 1
             r[L.NUM_BLOCKS] = n
         # 2. activate
         for i in range(n - 1):
-            if decoded_fraction(i) >= activate_threshold:
-                blk[L.FULL, i + 1] = 1
+            if decoded_fraction(i) >= decoded_token_threshold:
+                blk[L.FULLY_ACTIVATED, i + 1] = 1
         # 3. done (early when every block up to the first EOS is decoded: same output)
         eos = int(r[L.EOS_BLOCK])
         last = n if eos < 0 else eos + 1

@@ -111,16 +111,16 @@ def check_unmask(device: torch.device) -> None:
         tokens = torch.full((B, W), mask_id, dtype=torch.long)
         tokens[:, 0] = 7
         block_ids = torch.tensor([[0, 1, 1, 1, 2, 2, 2, -1]] * B, dtype=torch.int32)
-        full = torch.tensor([[1, 1, 0]] * B, dtype=torch.int32)
+        fully_activated = torch.tensor([[1, 1, 0]] * B, dtype=torch.int32)
         for temperature in (0.0, 0.8):
             for confidence, shift in (("default", False), ("margin_confidence", True), ("neg_entropy", False)):
-                args = dict(prev_logits=prev.to(device) if shift else None, eos_id=5, threshold=0.3,
+                args = dict(prev_logits=prev.to(device) if shift else None, eos_id=5, skip_threshold=0.3,
                             temperature=temperature, sampling_strategy=confidence, seed=11)
                 ours = tokens.to(device, copy=True)
-                counts, eos = ops.unmask(logits.to(device), ours, block_ids.to(device), full.to(device),
+                counts, eos = ops.unmask(logits.to(device), ours, block_ids.to(device), fully_activated.to(device),
                                          mask_id, **args)
                 ref = tokens.clone()
-                rc, re = reference.unmask(logits, ref, block_ids, full, prev if shift else None, mask_id, 5,
+                rc, re = reference.unmask(logits, ref, block_ids, fully_activated, prev if shift else None, mask_id, 5,
                                           0.3, temperature, L.CONFIDENCES[confidence], 11)
                 case = f"{dtype} T={temperature} {confidence} shift={shift}"
                 assert torch.equal(ours.cpu(), ref), f"{case}: tokens differ"
@@ -141,7 +141,7 @@ def check_pipeline_step(device: torch.device) -> None:
         for b in range(rows.shape[0]):
             for i in range(int(rows[b, L.NUM_BLOCKS])):
                 if blocks[b, L.STATE, i] == L.ACTIVE and blocks[b, L.MASKED, i] > 0:
-                    counts[b, i] = rng.randint(int(blocks[b, L.FULL, i]), int(blocks[b, L.MASKED, i]))
+                    counts[b, i] = rng.randint(int(blocks[b, L.FULLY_ACTIVATED, i]), int(blocks[b, L.MASKED, i]))
             if counts[b].any() and rng.random() < 0.05:
                 eos[b] = int(counts[b].nonzero()[0, 0])
         pipe.step(counts.to(device), eos.to(device))

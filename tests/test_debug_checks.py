@@ -105,8 +105,8 @@ def test_unmask_block_ids_past_nb_are_skipped(debug):
     logits = torch.randn(B, W, V, generator=g) * 3
     tokens = torch.full((B, W), mask_id, dtype=torch.long)
     bids = torch.tensor([[0, 0, 1, 1, 2, 2, 5, -4]] * B, dtype=torch.int32)
-    full = torch.ones(B, NB, dtype=torch.int32)
-    args = (logits, tokens, bids, full, None, mask_id, -1, 0.3, 0.0, 0, 0)
+    fully_activated = torch.ones(B, NB, dtype=torch.int32)
+    args = (logits, tokens, bids, fully_activated, None, mask_id, -1, 0.3, 0.0, 0, 0)
     debug(True)
     with pytest.raises(RuntimeError, match="unmask: block_ids"):
         torch.ops.d2f_ext.unmask(*args)

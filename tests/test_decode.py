@@ -42,12 +42,12 @@ class UnmaskSpy:
         self.inner = ops.unmask
         monkeypatch.setattr(ops, "unmask", self)
 
-    def __call__(self, logits, tokens, block_ids, full, mask_id, **kw):
+    def __call__(self, logits, tokens, block_ids, fully_activated, mask_id, **kw):
         rows = logits if kw.get("prev_logits") is None else torch.cat([kw["prev_logits"][:, None], logits[:, :-1]], 1)
         _, p, _ = reference.token_stats(rows, 0.0, 0, mask_id=mask_id)
         masked = (tokens == mask_id) & (block_ids >= 0)
-        over = masked & (p > torch.tensor(kw["threshold"], dtype=torch.float32))
-        counts, eos = self.inner(logits, tokens, block_ids, full, mask_id, **kw)
+        over = masked & (p > torch.tensor(kw["skip_threshold"], dtype=torch.float32))
+        counts, eos = self.inner(logits, tokens, block_ids, fully_activated, mask_id, **kw)
         for b in range(tokens.shape[0]):
             blocks = torch.unique(block_ids[b][masked[b]]).tolist()
             self.pipelined += len(blocks) >= 2  # a block started before the previous one finished

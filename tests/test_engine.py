@@ -107,7 +107,7 @@ def test_last_layer_mlp_runs_on_the_read_positions_only(model):
     rng = random.Random(5)
     engine = Engine(model, EngineConfig(max_batch=2, max_len=60, block_size=4))
     rows = []
-    layers = list(model.decoder_layers())
+    layers = list(model.transformer_layers())
     hooks = [layers[i].get_submodule(layers[i].PARTS[-1]).register_forward_hook(
         lambda mod, args, out, i=i: rows.append((i, args[0].shape[:-1].numel()))) for i in (0, len(layers) - 1)]
     try:

@@ -21,7 +21,7 @@ class SpecRow:
     """One row of the spec's state machine, written from the spec text alone (steps 1-4, 6, 7)."""
 
     def __init__(self, prompt_len, max_new_tokens, block_size, tau_add, tau_act):
-        self.blocks = [dict(start=0, len=prompt_len, masked=0, state="to_cache", full=True)]
+        self.blocks = [dict(start=0, len=prompt_len, masked=0, state="to_cache", fully_activated=True)]
         self.end = prompt_len + max_new_tokens
         self.block_size, self.tau_add, self.tau_act = block_size, tau_add, tau_act
         self.eos = None
@@ -40,10 +40,10 @@ class SpecRow:
         start = newest["start"] + newest["len"]
         if start < self.end and self.eos is None and self.fraction(newest) >= self.tau_add:
             size = min(self.block_size, self.end - start)
-            self.blocks.append(dict(start=start, len=size, masked=size, state="active", full=False))
+            self.blocks.append(dict(start=start, len=size, masked=size, state="active", fully_activated=False))
         for i in range(len(self.blocks) - 1):
             if self.fraction(self.blocks[i]) >= self.tau_act:
-                self.blocks[i + 1]["full"] = True
+                self.blocks[i + 1]["fully_activated"] = True
         no_mask = all(b["masked"] == 0 for b in self.blocks)
         no_active = all(b["state"] != "active" for b in self.blocks)
         eos_done = self.eos is not None and all(b["masked"] == 0 for b in self.blocks[: self.eos + 1])
@@ -89,7 +89,7 @@ class SpecRow:
             assert int(row[L.WIN_LEN]) == 0 and int(row[L.COMMIT_LEN]) == 0
         else:
             assert tuple(int(row[f]) for f in (L.WIN_START, L.WIN_LEN, L.COMMIT_LEN)) == self.window
-        want = [[b["start"], b["len"], b["masked"], STATES[b["state"]], int(b["full"])] for b in self.blocks]
+        want = [[b["start"], b["len"], b["masked"], STATES[b["state"]], int(b["fully_activated"])] for b in self.blocks]
         assert blocks[:, :n].T.tolist() == want
 
 
@@ -108,7 +108,7 @@ def draw_counts(rng, rows, blocks, eos_rate):
             m = int(blk[L.MASKED, i])
             if blk[L.STATE, i] != L.ACTIVE or m == 0:
                 continue
-            lo = 1 if blk[L.FULL, i] else 0
+            lo = 1 if blk[L.FULLY_ACTIVATED, i] else 0
             counts[b, i] = rng.randint(lo, m) if rng.random() < 0.5 else rng.randint(lo, min(m, lo + 1))
             if counts[b, i] and eos[b] < 0 and rng.random() < eos_rate:
                 eos[b] = i
@@ -157,7 +157,7 @@ def check_step_properties(before, after, blocks_before, blocks_after, counts):
     assert start + int(after[L.WIN_LEN]) == int(blocks_after[L.START, n - 1] + blocks_after[L.LEN, n - 1])
     # Forced progress: the earliest block with masks is fully activated and inside the window.
     first = next(i for i in range(n) if masked[i] > 0)
-    assert blocks_after[L.FULL, first] == 1 and int(blocks_after[L.START, first]) >= start
+    assert blocks_after[L.FULLY_ACTIVATED, first] == 1 and int(blocks_after[L.START, first]) >= start
 
 
 def drive(device, prompt_lens, max_new_tokens, block_size, tau_add, tau_act, seed, eos_rate,
@@ -175,7 +175,7 @@ def drive(device, prompt_lens, max_new_tokens, block_size, tau_add, tau_act, see
     ref_rows[:, L.GEN_LEN] = max_new_tokens
     ref_blocks = torch.zeros(len(prompt_lens), L.NUM_BLOCK_FIELDS, NB, dtype=torch.int32)
     ref_blocks[:, L.LEN, 0] = torch.tensor(prompt_lens)
-    ref_blocks[:, L.STATE, 0], ref_blocks[:, L.FULL, 0] = L.TO_CACHE, 1
+    ref_blocks[:, L.STATE, 0], ref_blocks[:, L.FULLY_ACTIVATED, 0] = L.TO_CACHE, 1
     counts = torch.zeros(len(prompt_lens), NB, dtype=torch.int32)
     eos = torch.full((len(prompt_lens),), -1, dtype=torch.int32)
     reference.pipeline_step(ref_rows, ref_blocks, counts, eos, block_size, tau_add, tau_act)
@@ -238,7 +238,7 @@ def test_first_window_is_prompt_plus_block_one(device):
     assert rows[:, L.WIN_LEN].tolist() == [9, 7]
     assert rows[:, L.COMMIT_LEN].tolist() == [5, 3] == rows[:, L.CACHE_LEN].tolist()
     assert blocks[:, L.STATE, :2].tolist() == [[L.IN_CACHE, L.ACTIVE]] * 2
-    assert blocks[:, L.FULL, 1].tolist() == [1, 1]
+    assert blocks[:, L.FULLY_ACTIVATED, 1].tolist() == [1, 1]
     ids = window_block_ids(pipe.rows, pipe.blocks, 10).cpu()
     assert ids.tolist() == [[0] * 5 + [1] * 4 + [-1], [0] * 3 + [1] * 4 + [-1] * 3]
 
@@ -279,7 +279,7 @@ def test_fraction_compared_in_double():
         blocks[0, :, 1] = torch.tensor([1, 3, 3, L.ACTIVE, 1])
         run(rows, blocks, torch.tensor([[0, 1, 0]], dtype=torch.int32),
             torch.tensor([-1], dtype=torch.int32), 3, thr, thr)
-        assert int(rows[0, L.NUM_BLOCKS]) == 3 and int(blocks[0, L.FULL, 2]) == 1
+        assert int(rows[0, L.NUM_BLOCKS]) == 3 and int(blocks[0, L.FULLY_ACTIVATED, 2]) == 1
 
 
 def _args(device, B=2, NB=3):
@@ -305,10 +305,10 @@ def _args(device, B=2, NB=3):
     (3, lambda a: a[3].long(), "eos_block must be int32"),
     (3, lambda a: a[3][None], "eos_block must be 1-D"),
     (4, lambda a: 0, "block_size must be > 0"),
-    (5, lambda a: 1.5, "add_threshold must be in"),
-    (5, lambda a: -0.1, "add_threshold must be in"),
-    (6, lambda a: 1.01, "activate_threshold must be in"),
-    (6, lambda a: float("nan"), "activate_threshold must be in"),
+    (5, lambda a: 1.5, "block_add_threshold must be in"),
+    (5, lambda a: -0.1, "block_add_threshold must be in"),
+    (6, lambda a: 1.01, "decoded_token_threshold must be in"),
+    (6, lambda a: float("nan"), "decoded_token_threshold must be in"),
 ])
 def test_bad_inputs(device, index, bad, match):
     args = _args(device)

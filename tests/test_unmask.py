@@ -19,21 +19,21 @@ def make_case(B, W, V, NB, dtype, device, seed, masked_frac=0.7, scale=3.0):
     tokens = torch.randint(0, max(V - 1, 1), (B, W), generator=g)
     tokens[torch.rand(B, W, generator=g) < masked_frac] = mask_id
     block_ids = torch.randint(-1, NB, (B, W), generator=g, dtype=torch.int32)
-    full = torch.randint(0, 2, (B, NB), generator=g, dtype=torch.int32)
+    fully_activated = torch.randint(0, 2, (B, NB), generator=g, dtype=torch.int32)
     to = lambda t: t.to(device)  # noqa: E731
-    return to(logits), to(tokens), to(block_ids), to(full), to(prev), mask_id
+    return to(logits), to(tokens), to(block_ids), to(fully_activated), to(prev), mask_id
 
 
-def run_both(logits, tokens, block_ids, full, prev, mask_id, eos_id=-1, threshold=0.5,
+def run_both(logits, tokens, block_ids, fully_activated, prev, mask_id, eos_id=-1, skip_threshold=0.5,
              temperature=0.0, confidence=0, seed=0):
     """The op on the tensors' device, the reference on CPU copies (the definition)."""
     ours = tokens.clone()
-    counts, eos = torch.ops.d2f_ext.unmask(logits, ours, block_ids, full, prev, mask_id, eos_id,
-                                           threshold, temperature, confidence, seed)
+    counts, eos = torch.ops.d2f_ext.unmask(logits, ours, block_ids, fully_activated, prev, mask_id, eos_id,
+                                           skip_threshold, temperature, confidence, seed)
     ref = tokens.cpu().clone()
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-    rc, re = reference.unmask(logits.cpu(), ref, block_ids.cpu(), full.cpu(), cpu(prev), mask_id, eos_id,
-                              threshold, temperature, confidence, seed)
+    rc, re = reference.unmask(logits.cpu(), ref, block_ids.cpu(), fully_activated.cpu(), cpu(prev), mask_id, eos_id,
+                              skip_threshold, temperature, confidence, seed)
     assert torch.equal(ours.cpu(), ref)
     assert torch.equal(counts.cpu(), rc)
     assert torch.equal(eos.cpu(), re)
@@ -46,31 +46,31 @@ def run_both(logits, tokens, block_ids, full, prev, mask_id, eos_id=-1, threshol
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(device, V, confidence, temperature, shift, dtype):
-    logits, tokens, bids, full, prev, mask_id = make_case(3, 24, V, 4, dtype, device, seed=V + confidence)
-    # A low threshold decodes some positions, a high one leaves the forced picks to decide.
-    for threshold in (0.2, 0.97):
-        run_both(logits, tokens, bids, full, prev if shift else None, mask_id, eos_id=3,
-                 threshold=threshold, temperature=temperature, confidence=confidence, seed=1234)
+    logits, tokens, bids, fully_activated, prev, mask_id = make_case(3, 24, V, 4, dtype, device, seed=V + confidence)
+    # A low skip_threshold decodes some positions, a high one leaves the forced picks to decide.
+    for skip_threshold in (0.2, 0.97):
+        run_both(logits, tokens, bids, fully_activated, prev if shift else None, mask_id, eos_id=3,
+                 skip_threshold=skip_threshold, temperature=temperature, confidence=confidence, seed=1234)
 
 
 @pytest.mark.parametrize("V", [126464, 151936])
 def test_llm_vocab(device, V):
-    logits, tokens, bids, full, prev, mask_id = make_case(2, 6, V, 2, torch.bfloat16, device, seed=7, scale=6.0)
+    logits, tokens, bids, fully_activated, prev, mask_id = make_case(2, 6, V, 2, torch.bfloat16, device, seed=7, scale=6.0)
     for temperature in (0.0, 1.0):
-        run_both(logits, tokens, bids, full, prev, mask_id, eos_id=5, threshold=0.0001,
+        run_both(logits, tokens, bids, fully_activated, prev, mask_id, eos_id=5, skip_threshold=0.0001,
                  temperature=temperature, confidence=1, seed=99)
 
 
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 3), W=st.integers(1, 40), V=st.integers(2, 600), NB=st.integers(1, 6),
        confidence=st.integers(0, 2), temperature=st.sampled_from([0.0, 0.5, 1.0, 2.5]),
-       threshold=st.floats(0.0, 1.0), shift=st.booleans(), seed=st.integers(0, 2**63 - 1),
+       skip_threshold=st.floats(0.0, 1.0), shift=st.booleans(), seed=st.integers(0, 2**63 - 1),
        data_seed=st.integers(0, 10**6))
-def test_hypothesis_cpu(B, W, V, NB, confidence, temperature, threshold, shift, seed, data_seed):
-    logits, tokens, bids, full, prev, mask_id = make_case(B, W, V, NB, torch.float32, torch.device("cpu"),
+def test_hypothesis_cpu(B, W, V, NB, confidence, temperature, skip_threshold, shift, seed, data_seed):
+    logits, tokens, bids, fully_activated, prev, mask_id = make_case(B, W, V, NB, torch.float32, torch.device("cpu"),
                                                           data_seed)
-    run_both(logits, tokens, bids, full, prev if shift else None, mask_id, eos_id=data_seed % V,
-             threshold=threshold, temperature=temperature, confidence=confidence, seed=seed)
+    run_both(logits, tokens, bids, fully_activated, prev if shift else None, mask_id, eos_id=data_seed % V,
+             skip_threshold=skip_threshold, temperature=temperature, confidence=confidence, seed=seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -83,7 +83,7 @@ def test_argmax_ties_lowest_index(device, dtype):
     tokens = torch.full((1, W), 0, dtype=torch.long)
     out, _, _ = run_both(logits.to(dtype).to(device), tokens.to(device), torch.zeros(1, W, dtype=torch.int32,
                          device=device), torch.ones(1, 1, dtype=torch.int32, device=device), None, 0,
-                         threshold=0.0)
+                         skip_threshold=0.0)
     assert out.cpu()[0].tolist() == [10 + 37 * w for w in range(W)]
 
 
@@ -98,7 +98,7 @@ def test_equal_confidence_lowest_position(device, confidence):
     bids = torch.tensor([[0] * 6 + [1] * 4], dtype=torch.int32)
     out, counts, _ = run_both(logits, tokens.to(device), bids.to(device),
                               torch.tensor([[1, 1]], dtype=torch.int32, device=device), None, V - 1,
-                              threshold=1.0, confidence=confidence)
+                              skip_threshold=1.0, confidence=confidence)
     out = out.cpu()[0]
     assert (out != V - 1).nonzero()[:, 0].tolist() == [0, 1, 2, 3, 6]
     assert counts.cpu().tolist() == [[1, 1]]
@@ -113,9 +113,9 @@ def test_threshold_is_strict(device):
         W = logits.shape[1]
         args = (torch.ones(1, W, dtype=torch.int32, device=device), torch.zeros(1, 2, dtype=torch.int32,
                 device=device), None, 1)
-        for threshold, decoded in ((p, 0), (torch.nextafter(torch.tensor(p), torch.tensor(0.0)).item(), W)):
+        for skip_threshold, decoded in ((p, 0), (torch.nextafter(torch.tensor(p), torch.tensor(0.0)).item(), W)):
             tokens = torch.ones(1, W, dtype=torch.long, device=device)
-            _, counts, _ = run_both(logits.to(device), tokens, *args, threshold=threshold)
+            _, counts, _ = run_both(logits.to(device), tokens, *args, skip_threshold=skip_threshold)
             assert counts.cpu()[0, 1].item() == decoded
 
 
@@ -130,13 +130,13 @@ def test_eos_block_lowest(device):
     bids = torch.tensor([[1, 1, 1, 2, 2, 2, 3, 3, 3]] * 2, dtype=torch.int32)
     _, _, eos_block = run_both(logits.to(device), tokens.to(device), bids.to(device),
                                torch.zeros(2, 4, dtype=torch.int32, device=device), None, mask, eos_id=eos,
-                               threshold=0.9)
+                               skip_threshold=0.9)
     assert eos_block.cpu().tolist() == [2, -1]
 
 
 def test_untouched_positions(device):
-    logits, tokens, bids, full, prev, mask_id = make_case(2, 30, 100, 3, torch.float32, device, seed=3)
-    out, _, _ = run_both(logits, tokens, bids, full, prev, mask_id, threshold=0.0)
+    logits, tokens, bids, fully_activated, prev, mask_id = make_case(2, 30, 100, 3, torch.float32, device, seed=3)
+    out, _, _ = run_both(logits, tokens, bids, fully_activated, prev, mask_id, skip_threshold=0.0)
     keep = (tokens != mask_id) | (bids < 0)
     assert torch.equal(out[keep], tokens[keep])
 
@@ -156,28 +156,28 @@ def test_top_k_top_p(device, top_k, top_p):
     logits, tokens, _, _, _, mask_id = make_case(B, W, V, 1, torch.float32, device, seed=11, masked_frac=1.0)
     logits[..., mask_id] = -100.0  # a decoded position never shows the mask id
     bids = torch.zeros(B, W, dtype=torch.int32, device=device)
-    full = torch.zeros(B, 1, dtype=torch.int32, device=device)
+    fully_activated = torch.zeros(B, 1, dtype=torch.int32, device=device)
     p = _direct_filtered_p(logits.cpu(), top_k, top_p)
-    threshold = float(p.median())
+    skip_threshold = float(p.median())
     out = tokens.clone()
-    ops.unmask(logits, out, bids, full, mask_id, threshold=threshold, top_k=top_k, top_p=top_p)
-    clear = (p - threshold).abs() > 1e-5
+    ops.unmask(logits, out, bids, fully_activated, mask_id, skip_threshold=skip_threshold, top_k=top_k, top_p=top_p)
+    clear = (p - skip_threshold).abs() > 1e-5
     decoded = (out.cpu() != mask_id)
-    assert torch.equal(decoded[clear], (p > threshold)[clear])
+    assert torch.equal(decoded[clear], (p > skip_threshold)[clear])
     assert torch.equal(out.cpu()[decoded], logits.cpu().argmax(-1)[decoded])
 
 
 def test_opcheck(device):
-    logits, tokens, bids, full, prev, mask_id = make_case(2, 8, 64, 3, torch.float32, device, seed=5)
-    for args in ((logits, tokens, bids, full, prev, mask_id, 2, 0.5, 0.0, 1, 0),
-                 (logits, tokens, bids, full, None, mask_id, -1, 0.9, 0.7, 2, 3)):
+    logits, tokens, bids, fully_activated, prev, mask_id = make_case(2, 8, 64, 3, torch.float32, device, seed=5)
+    for args in ((logits, tokens, bids, fully_activated, prev, mask_id, 2, 0.5, 0.0, 1, 0),
+                 (logits, tokens, bids, fully_activated, None, mask_id, -1, 0.9, 0.7, 2, 3)):
         torch.library.opcheck(torch.ops.d2f_ext.unmask.default, args)
 
 
 def _good():
-    logits, tokens, bids, full, prev, mask_id = make_case(2, 5, 16, 3, torch.float32, torch.device("cpu"), seed=1)
-    return dict(logits=logits, tokens=tokens, block_ids=bids, fully_activated=full, prev_logits=prev,
-                mask_id=mask_id, eos_id=2, threshold=0.9, temperature=0.0, confidence=0, seed=0)
+    logits, tokens, bids, fully_activated, prev, mask_id = make_case(2, 5, 16, 3, torch.float32, torch.device("cpu"), seed=1)
+    return dict(logits=logits, tokens=tokens, block_ids=bids, fully_activated=fully_activated, prev_logits=prev,
+                mask_id=mask_id, eos_id=2, skip_threshold=0.9, temperature=0.0, confidence=0, seed=0)
 
 
 BAD = [
@@ -204,8 +204,8 @@ BAD = [
     ("mask_id", lambda a: 16, "mask_id"),
     ("mask_id", lambda a: -1, "mask_id"),
     ("eos_id", lambda a: 16, "eos_id"),
-    ("threshold", lambda a: 1.5, "threshold"),
-    ("threshold", lambda a: -0.1, "threshold"),
+    ("skip_threshold", lambda a: 1.5, "skip_threshold"),
+    ("skip_threshold", lambda a: -0.1, "skip_threshold"),
     ("temperature", lambda a: -1.0, "temperature"),
     ("temperature", lambda a: float("inf"), "temperature"),
     ("temperature", lambda a: float("nan"), "temperature"),
@@ -241,9 +241,9 @@ def test_good_input_runs():
 def test_mask_token_is_never_decoded(device, temperature, confidence, dtype):
     """A model may give [MASK] the top logit; the position must still leave the masked set, with
     the best other token and that token's probability under the full softmax."""
-    logits, tokens, bids, full, prev, mask_id = make_case(2, 16, 300, 3, dtype, device, seed=11)
+    logits, tokens, bids, fully_activated, prev, mask_id = make_case(2, 16, 300, 3, dtype, device, seed=11)
     logits[..., mask_id] = logits.float().amax(-1).to(dtype) + 4  # [MASK] wins everywhere
-    ours, counts, _ = run_both(logits, tokens, bids, full, None, mask_id, threshold=0.0,
+    ours, counts, _ = run_both(logits, tokens, bids, fully_activated, None, mask_id, skip_threshold=0.0,
                                temperature=temperature, confidence=confidence)
     was_masked = (tokens == mask_id) & (bids >= 0)
     assert was_masked.any() and not (ours[was_masked] == mask_id).any()
@@ -297,13 +297,13 @@ def test_nonfinite_logits_rule(device, temperature, confidence, dtype):
     W = len(cases)
     tokens = torch.full((1, W), mask_id, dtype=torch.long, device=device)
     bids = torch.zeros(1, W, dtype=torch.int32, device=device)
-    for threshold in (0.0, 0.4, 0.6, 0.999, 1.0):
-        for full in (0, 1):
+    for skip_threshold in (0.0, 0.4, 0.6, 0.999, 1.0):
+        for fully_activated in (0, 1):
             _, counts, _ = run_both(logits.to(device), tokens, bids,
-                                    torch.full((1, 1), full, dtype=torch.int32, device=device), None, mask_id,
-                                    threshold=threshold, temperature=temperature, confidence=confidence, seed=5)
-            decoded = int((p > threshold).sum())
-            assert counts.cpu().item() == (decoded if decoded or not full else 1)
+                                    torch.full((1, 1), fully_activated, dtype=torch.int32, device=device), None, mask_id,
+                                    skip_threshold=skip_threshold, temperature=temperature, confidence=confidence, seed=5)
+            decoded = int((p > skip_threshold).sum())
+            assert counts.cpu().item() == (decoded if decoded or not fully_activated else 1)
 
 
 def test_nonfinite_forced_pick_is_one_position(device):
@@ -317,7 +317,7 @@ def test_nonfinite_forced_pick_is_one_position(device):
     for confidence in (0, 1, 2):
         out, counts, _ = run_both(logits.to(device), tokens, torch.zeros(1, W, dtype=torch.int32, device=device),
                                   torch.ones(1, 1, dtype=torch.int32, device=device), None, mask_id,
-                                  threshold=1.0, confidence=confidence)
+                                  skip_threshold=1.0, confidence=confidence)
         assert counts.cpu().tolist() == [[1]]
         assert int((out != mask_id).sum()) == 1
 
@@ -327,5 +327,5 @@ def test_vocabulary_of_the_mask_token_alone(device):
     logits = torch.tensor([[[0.5], [float("-inf")], [float("nan")]]], device=device)
     tokens = torch.zeros(1, 3, dtype=torch.long, device=device)
     _, counts, _ = run_both(logits, tokens, torch.zeros(1, 3, dtype=torch.int32, device=device),
-                            torch.zeros(1, 1, dtype=torch.int32, device=device), None, 0, threshold=0.5)
+                            torch.zeros(1, 1, dtype=torch.int32, device=device), None, 0, skip_threshold=0.5)
     assert counts.cpu().tolist() == [[3]]

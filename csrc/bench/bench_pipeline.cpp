@@ -38,7 +38,7 @@ void make_state(int batch, int num_blocks, int block_size, State& s) {
       blk[d2f::kLen * num_blocks + i] = len;
       blk[d2f::kMasked * num_blocks + i] = in_cache ? 0 : masked[i - cached];
       blk[d2f::kState * num_blocks + i] = in_cache ? d2f::kInCache : d2f::kActive;
-      blk[d2f::kFull * num_blocks + i] = i <= cached;
+      blk[d2f::kFullyActivated * num_blocks + i] = i <= cached;
       start += len;
       if (in_cache) r[d2f::kCacheLen] = start;
     }
@@ -49,7 +49,7 @@ void make_state(int batch, int num_blocks, int block_size, State& s) {
   d2f::PipelineParams& p = s.p;
   p.rows = s.rows.data(), p.blocks = s.blocks.data(), p.counts = s.counts.data(), p.eos_block = s.eos.data();
   p.batch = batch, p.num_blocks = num_blocks, p.block_size = block_size;
-  p.add_threshold = 0.9, p.activate_threshold = 0.95;
+  p.block_add_threshold = 0.9, p.decoded_token_threshold = 0.95;
 }
 
 // Bytes one step reads and writes: rows and blocks both ways, counts and eos read.

@@ -43,7 +43,7 @@ std::vector<uint8_t> random_logits(size_t n, d2f::DType dtype) {
 struct Problem {
   std::vector<uint8_t> logits;
   std::vector<int64_t> tokens, cand_token;
-  std::vector<int32_t> block_ids, full, counts, eos;
+  std::vector<int32_t> block_ids, fully_activated, counts, eos;
   std::vector<float> cand_prob, cand_conf;
   d2f::UnmaskParams p{};
   static constexpr int64_t kMask = 7;
@@ -54,7 +54,7 @@ struct Problem {
     tokens.assign(bw, kMask);
     cand_token.resize(bw);
     block_ids.assign(bw, 0);
-    full.assign(s.batch, 1);
+    fully_activated.assign(s.batch, 1);
     counts.resize(s.batch);
     eos.resize(s.batch);
     cand_prob.resize(bw);
@@ -64,7 +64,7 @@ struct Problem {
     p.logits_row_stride = s.vocab;
     p.tokens = tokens.data();
     p.block_ids = block_ids.data();
-    p.fully_activated = full.data();
+    p.fully_activated = fully_activated.data();
     p.fully_activated_batch_stride = 1;
     p.counts = counts.data();
     p.eos_block = eos.data();
@@ -77,7 +77,7 @@ struct Problem {
     p.num_blocks = 1;
     p.mask_id = kMask;
     p.eos_id = -1;
-    p.threshold = 0.9f;
+    p.skip_threshold = 0.9f;
     p.temperature = s.temperature;
     p.confidence = s.confidence;
     p.seed = 1;
@@ -105,7 +105,7 @@ double time_cuda(Problem& pb, const bench::Args& args) {
   p.logits = dev.upload(pb.logits);
   p.tokens = dev.upload(pb.tokens);
   p.block_ids = dev.upload(pb.block_ids);
-  p.fully_activated = dev.upload(pb.full);
+  p.fully_activated = dev.upload(pb.fully_activated);
   p.counts = dev.upload(pb.counts);
   p.eos_block = dev.upload(pb.eos);
   p.cand_token = dev.upload(pb.cand_token);

@@ -69,7 +69,7 @@ enum class Confidence : int32_t { kProbability = 0, kMargin = 1, kNegEntropy = 2
 //   temperature == 0: token = argmax(x), temperature > 0: token = argmax(x + gumbel(seed, b, w, v));
 //         the mask id is never the token; ties go to the lowest index; p = q_token
 //   confidence = p | top1 - top2 of q | sum_v q_v * log(q_v + 1e-10); never NaN
-// Then per block: decode every masked position with p > threshold (strict); a block whose
+// Then per block: decode every masked position with p > skip_threshold (strict); a block whose
 // fully_activated flag is set and that decodes nothing decodes its masked position of highest
 // confidence (lowest index on ties). Tokens are written in place.
 struct UnmaskParams {
@@ -89,7 +89,7 @@ struct UnmaskParams {
   float* cand_conf;
   int batch, window, vocab, num_blocks;
   int64_t mask_id, eos_id;  // eos_id < 0: no EOS tracking
-  float threshold, temperature;
+  float skip_threshold, temperature;
   Confidence confidence;
   uint64_t seed;
   DType dtype;  // of logits and prev_logits
@@ -130,7 +130,7 @@ constexpr float kGumbelBound = 17.0f;
 
 // D2F block-state pipeline (the spec steps: d2f_ext/pipeline.py), one row of a batch.
 // Per row: rows[b, RowField]; per block: blocks[b, BlockField, NB] (field-major, so that one
-// field of all blocks, e.g. kFull, is a contiguous [NB] vector the unmask kernel reads).
+// field of all blocks, e.g. kFullyActivated, is a contiguous [NB] vector the unmask kernel reads).
 // Row coordinates are compact: block 0 is the row's real prompt (no padding) at [0, prompt_len),
 // generation block k >= 1 starts at prompt_len + (k - 1) * block_size; the last one is shorter
 // when kGenLen is not a multiple of the block size.
@@ -152,7 +152,7 @@ enum BlockField : int32_t {
   kLen = 1,
   kMasked = 2,  // positions still masked
   kState = 3,   // BlockState
-  kFull = 4,    // sticky fully-activated flag
+  kFullyActivated = 4,    // sticky fully-activated flag
   kNumBlockFields = 5
 };
 enum BlockState : int32_t { kActive = 0, kToCache = 1, kInCache = 2 };
@@ -163,7 +163,7 @@ struct PipelineParams {
   const int32_t* counts;     // [B, NB]: decoded by the last forward (all zero before the first)
   const int32_t* eos_block;  // [B]: from the last unmask, -1 if none
   int batch, num_blocks, block_size;
-  double add_threshold, activate_threshold;
+  double block_add_threshold, decoded_token_threshold;
 };
 
 }  // namespace d2f

@@ -9,7 +9,7 @@ void pipeline_step_cpu(const PipelineParams& p) {
   for (int b = 0; b < p.batch; ++b) {
     pipeline_row(p.rows + static_cast<int64_t>(b) * kNumRowFields, p.blocks + b * row_blocks,
                  p.counts + static_cast<int64_t>(b) * p.num_blocks, p.eos_block[b], p.num_blocks,
-                 p.block_size, p.add_threshold, p.activate_threshold);
+                 p.block_size, p.block_add_threshold, p.decoded_token_threshold);
   }
 }
 

@@ -13,7 +13,7 @@ __global__ void pipeline_step_kernel(PipelineParams p) {
   const int64_t row_blocks = static_cast<int64_t>(kNumBlockFields) * p.num_blocks;
   pipeline_row(p.rows + static_cast<int64_t>(b) * kNumRowFields, p.blocks + b * row_blocks,
                p.counts + static_cast<int64_t>(b) * p.num_blocks, p.eos_block[b], p.num_blocks,
-               p.block_size, p.add_threshold, p.activate_threshold);
+               p.block_size, p.block_add_threshold, p.decoded_token_threshold);
 }
 
 }  // namespace

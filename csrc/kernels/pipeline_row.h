@@ -17,14 +17,14 @@ D2F_HOST_DEVICE inline bool decoded_at_least(const int32_t* len, const int32_t* 
 
 D2F_HOST_DEVICE inline void pipeline_row(int32_t* row, int32_t* blocks, const int32_t* counts,
                                          int32_t eos_block, int num_blocks, int block_size,
-                                         double add_threshold, double activate_threshold) {
+                                         double block_add_threshold, double decoded_token_threshold) {
   // A step after the row finished (a device-side loop may not know yet) must change nothing.
   if (row[kFinished]) return;
   int32_t* start = blocks + kStart * num_blocks;
   int32_t* len = blocks + kLen * num_blocks;
   int32_t* masked = blocks + kMasked * num_blocks;
   int32_t* state = blocks + kState * num_blocks;
-  int32_t* full = blocks + kFull * num_blocks;
+  int32_t* fully_activated = blocks + kFullyActivated * num_blocks;
 
   int n = row[kNumBlocks];
   if (n < 1 || n > num_blocks) {  // not a state init_rows makes: never index past the blocks
@@ -48,18 +48,18 @@ D2F_HOST_DEVICE inline void pipeline_row(int32_t* row, int32_t* blocks, const in
   const int32_t next_start = start[n - 1] + len[n - 1];
   const int32_t budget_left = row[kPromptLen] + row[kGenLen] - next_start;
   if (n < num_blocks && budget_left > 0 && row[kEosBlock] < 0 &&
-      decoded_at_least(len, masked, n - 1, add_threshold)) {
+      decoded_at_least(len, masked, n - 1, block_add_threshold)) {
     const int32_t block_len = budget_left < block_size ? budget_left : block_size;
     start[n] = next_start;
     len[n] = block_len;
     masked[n] = block_len;
     state[n] = kActive;
-    full[n] = 0;
+    fully_activated[n] = 0;
     row[kNumBlocks] = ++n;
   }
   // 2. activate
   for (int i = 0; i + 1 < n; ++i)
-    if (decoded_at_least(len, masked, i, activate_threshold)) full[i + 1] = 1;
+    if (decoded_at_least(len, masked, i, decoded_token_threshold)) fully_activated[i + 1] = 1;
 
   // 3. done; with an EOS decoded, the blocks after its block cannot change the output.
   const int eos = row[kEosBlock];

@@ -276,7 +276,7 @@ RowResult position_stats(const UnmaskParams& p, int b, int w, uint32_t key) {
 void decide_row(const UnmaskParams& p, int b, std::vector<int>& best) {
   const int64_t base = static_cast<int64_t>(b) * p.window;
   int32_t* counts = p.counts + static_cast<int64_t>(b) * p.num_blocks;
-  const int32_t* full = p.fully_activated + b * p.fully_activated_batch_stride;
+  const int32_t* fully_activated = p.fully_activated + b * p.fully_activated_batch_stride;
   std::fill(counts, counts + p.num_blocks, 0);
   best.assign(p.num_blocks, -1);
   int eos = INT_MAX;
@@ -289,14 +289,14 @@ void decide_row(const UnmaskParams& p, int b, std::vector<int>& best) {
     const int64_t i = base + w;
     if (p.cand_token[i] < 0) continue;
     const int blk = p.block_ids[i];
-    if (p.cand_prob[i] > p.threshold) {
+    if (p.cand_prob[i] > p.skip_threshold) {
       decode(i, blk);
     } else if (best[blk] < 0 || p.cand_conf[i] > p.cand_conf[base + best[blk]]) {
       best[blk] = w;  // strict: the lowest position wins ties
     }
   }
   for (int blk = 0; blk < p.num_blocks; ++blk) {
-    if (counts[blk] == 0 && best[blk] >= 0 && full[blk]) decode(base + best[blk], blk);
+    if (counts[blk] == 0 && best[blk] >= 0 && fully_activated[blk]) decode(base + best[blk], blk);
   }
   p.eos_block[b] = eos == INT_MAX ? -1 : eos;
 }

@@ -274,7 +274,7 @@ __device__ bool forced_pick(const UnmaskParams& p, int b, int w, int blk) {
   for (int u = 0; u < p.window; ++u) {
     const int64_t j = base + u;
     if (p.cand_token[j] < 0 || p.block_ids[j] != blk) continue;
-    if (p.cand_prob[j] > p.threshold) return false;
+    if (p.cand_prob[j] > p.skip_threshold) return false;
     if (p.cand_conf[j] > conf || (p.cand_conf[j] == conf && u < w)) return false;
   }
   return true;
@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) decide_kernel(UnmaskParams p, int sp
     const int64_t tok = p.cand_token[i];
     if (tok < 0) continue;
     const int blk = p.block_ids[i];
-    if (p.cand_prob[i] > p.threshold || forced_pick(p, b, w, blk)) {
+    if (p.cand_prob[i] > p.skip_threshold || forced_pick(p, b, w, blk)) {
       p.tokens[i] = tok;
       atomicAdd(&counts[blk], 1);
       if (p.eos_id >= 0 && tok == p.eos_id) atomicMin(&eos, blk);

@@ -48,11 +48,11 @@ TORCH_LIBRARY(d2f_ext, m) {
       "Tensor src_start, Tensor src_len, Tensor? cache_rows) -> ()");
   m.def(
       "unmask(Tensor logits, Tensor(a!) tokens, Tensor block_ids, Tensor fully_activated, "
-      "Tensor? prev_logits, int mask_id, int eos_id, float threshold, float temperature, "
+      "Tensor? prev_logits, int mask_id, int eos_id, float skip_threshold, float temperature, "
       "int confidence, int seed) -> (Tensor, Tensor)");
   m.def(
       "pipeline_step(Tensor(a!) rows, Tensor(b!) blocks, Tensor counts, Tensor eos_block, "
-      "int block_size, float add_threshold, float activate_threshold) -> ()");
+      "int block_size, float block_add_threshold, float decoded_token_threshold) -> ()");
   m.def("build_info() -> str", &build_info);
   m.def("set_debug_checks(bool on) -> bool", &set_debug_checks);
   m.def("debug_checks() -> bool", &debug_checks);

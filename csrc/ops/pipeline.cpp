@@ -50,8 +50,8 @@ void check_state_cpu(const at::Tensor& rows, const at::Tensor& blocks, const at:
 }
 
 void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::Tensor& counts,
-                   const at::Tensor& eos_block, int64_t block_size, double add_threshold,
-                   double activate_threshold) {
+                   const at::Tensor& eos_block, int64_t block_size, double block_add_threshold,
+                   double decoded_token_threshold) {
   check_int32(rows, "rows", "[B, NUM_ROW_FIELDS]", 2);
   check_int32(blocks, "blocks", "[B, 5, NB]", 3);
   check_int32(counts, "counts", "[B, NB]", 2);
@@ -74,8 +74,8 @@ void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::T
               "pipeline_step: rows, blocks, counts and eos_block must be on one device, got ",
               rows.device(), ", ", blocks.device(), ", ", counts.device(), ", ", eos_block.device());
   TORCH_CHECK(block_size > 0, "pipeline_step: block_size must be > 0, got ", block_size);
-  check_threshold(add_threshold, "add_threshold");
-  check_threshold(activate_threshold, "activate_threshold");
+  check_threshold(block_add_threshold, "block_add_threshold");
+  check_threshold(decoded_token_threshold, "decoded_token_threshold");
   TORCH_CHECK(B <= INT32_MAX && NB <= INT32_MAX && block_size <= INT32_MAX,
               "pipeline_step: rows, blocks or block_size too large for int32 indexing");
 
@@ -89,8 +89,8 @@ void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::T
   p.batch = static_cast<int>(B);
   p.num_blocks = static_cast<int>(NB);
   p.block_size = static_cast<int>(block_size);
-  p.add_threshold = add_threshold;
-  p.activate_threshold = activate_threshold;
+  p.block_add_threshold = block_add_threshold;
+  p.decoded_token_threshold = decoded_token_threshold;
   if (rows.is_cpu()) {
     check_state_cpu(rows, blocks, counts_c);
     d2f::pipeline_step_cpu(p);

@@ -22,7 +22,7 @@ constexpr const char* kOp = "unmask";
 std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Tensor& tokens,
                                           const at::Tensor& block_ids, const at::Tensor& fully_activated,
                                           const std::optional<at::Tensor>& prev_logits, int64_t mask_id,
-                                          int64_t eos_id, double threshold, double temperature,
+                                          int64_t eos_id, double skip_threshold, double temperature,
                                           int64_t confidence, int64_t seed) {
   C::check_dim(kOp, "logits", logits, 3, "[B, W, V]");
   // The CPU kernel converts float16 too, so unlike the other ops it is accepted on every device.
@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
   }
   TORCH_CHECK(mask_id >= 0 && mask_id < V, "unmask: mask_id must be in [0, ", V, "), got ", mask_id);
   TORCH_CHECK(eos_id < V, "unmask: eos_id must be < the vocabulary size ", V, " (negative: none), got ", eos_id);
-  TORCH_CHECK(threshold >= 0.0 && threshold <= 1.0, "unmask: threshold must be in [0, 1], got ", threshold);
+  TORCH_CHECK(skip_threshold >= 0.0 && skip_threshold <= 1.0, "unmask: skip_threshold must be in [0, 1], got ", skip_threshold);
   TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0,
               "unmask: temperature must be finite and >= 0, got ", temperature);
   TORCH_CHECK(confidence >= 0 && confidence <= 2,
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
   p.num_blocks = static_cast<int>(NB);
   p.mask_id = mask_id;
   p.eos_id = eos_id;
-  p.threshold = static_cast<float>(threshold);
+  p.skip_threshold = static_cast<float>(skip_threshold);
   p.temperature = static_cast<float>(temperature);
   p.confidence = static_cast<d2f::Confidence>(confidence);
   p.seed = static_cast<uint64_t>(seed);

@@ -55,7 +55,7 @@ def _decode_row(model, prompt: list[int], cfg: D2FConfig, eos: int | None):
     device = next(model.parameters()).device
     bs, mask = cfg.block_size, mc.mask_token_id
     seq = list(prompt)
-    blocks = [dict(start=0, len=len(prompt), masked=0, state="to_cache", full=True)]
+    blocks = [dict(start=0, len=len(prompt), masked=0, state="to_cache", fully_activated=True)]
     cache = KVCache.for_model(model, 1, len(prompt) + cfg.gen_len)
     cache_len, prev_logits, eos_seen, forwards = 0, None, False, 0
     conf_kind = L.CONFIDENCES[cfg.sampling_strategy]
@@ -68,12 +68,12 @@ def _decode_row(model, prompt: list[int], cfg: D2FConfig, eos: int | None):
         left = len(prompt) + cfg.gen_len - len(seq)
         if left > 0 and not eos_seen and fraction(blocks[-1]) >= cfg.block_add_threshold:
             size = min(bs, left)
-            blocks.append(dict(start=len(seq), len=size, masked=size, state="active", full=False))
+            blocks.append(dict(start=len(seq), len=size, masked=size, state="active", fully_activated=False))
             seq += [mask] * size
         # 2. activate
         for i in range(len(blocks) - 1):
             if fraction(blocks[i]) >= cfg.decoded_token_threshold:
-                blocks[i + 1]["full"] = True
+                blocks[i + 1]["fully_activated"] = True
         # 3. done; after an EOS, once every block up to the one holding the first EOS is decoded
         # (later blocks cannot change the output: nothing attends to them)
         if eos_seen:
@@ -122,7 +122,7 @@ def _decode_row(model, prompt: list[int], cfg: D2FConfig, eos: int | None):
                 continue
             w = [q - start for q in pos]
             chosen = [q for q, wq in zip(pos, w) if bool(p[wq] > thr)]
-            if not chosen and b["full"]:
+            if not chosen and b["fully_activated"]:
                 chosen = [pos[int(torch.stack([conf[wq] for wq in w]).argmax())]]
             for q in chosen:
                 seq[q] = int(token[q - start])

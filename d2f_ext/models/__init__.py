@@ -6,7 +6,7 @@ that runs attention through the d2f_ext ops.
 
 from .cache import KVCache
 from .config import ModelConfig
-from .decoder import DiffusionLM
+from .diffusion_lm import DiffusionLM
 from .dream import DreamModel
 from .llada import LLaDAModel
 from .loading import CheckpointError, check_adapter, load_adapter, load_model, model_for_config

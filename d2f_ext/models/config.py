@@ -1,7 +1,7 @@
 """One configuration for both architectures, parsed from a checkpoint's config.json.
 
 LLaDA (model_type "llada") and Dream (model_type "Dream", Qwen2-style) name the same quantities
-differently; :class:`ModelConfig` holds them under one set of names so that the decoder and the
+differently; :class:`ModelConfig` holds them under one set of names so that the model code and the
 engine never look at the raw keys.
 """
 

@@ -8,11 +8,11 @@ from typing import Optional
 from torch import nn
 
 from .config import ModelConfig
-from .decoder import DiffusionLM
-from .layers import DecoderLayer, RMSNorm
+from .diffusion_lm import DiffusionLM
+from .layers import TransformerLayer, RMSNorm
 
 
-class DreamLayer(DecoderLayer):
+class DreamLayer(TransformerLayer):
     PARTS = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
              "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
              "mlp.down_proj")
@@ -46,7 +46,7 @@ class DreamModel(DiffusionLM):
     def embedding(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def decoder_layers(self):
+    def transformer_layers(self):
         return self.model.layers
 
     def final_norm(self) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Building blocks shared by LLaDA and Dream: RMSNorm, rotary embeddings, the decoder layer."""
+"""Building blocks shared by LLaDA and Dream: RMSNorm, rotary embeddings, the transformer layer."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> 
     return down(F.silu(gate(x)) * up(x))
 
 
-class DecoderLayer(nn.Module):
+class TransformerLayer(nn.Module):
     """A pre-norm attention + SwiGLU layer. Subclasses create the modules under their checkpoint's
     names and list their dotted paths in PARTS, in the order: attention norm, q, k, v, output
     projection, MLP norm, gate, up, down. Attention itself is left to the caller (full-sequence

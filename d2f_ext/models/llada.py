@@ -7,11 +7,11 @@ from typing import Optional
 from torch import nn
 
 from .config import ModelConfig
-from .decoder import DiffusionLM
-from .layers import DecoderLayer, RMSNorm
+from .diffusion_lm import DiffusionLM
+from .layers import TransformerLayer, RMSNorm
 
 
-class LLaDABlock(DecoderLayer):
+class LLaDABlock(TransformerLayer):
     # ff_proj is the gate (activated), up_proj the linear branch, ff_out the down projection.
     PARTS = ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out",
              "ff_norm", "ff_proj", "up_proj", "ff_out")
@@ -47,7 +47,7 @@ class LLaDAModel(DiffusionLM):
     def embedding(self) -> nn.Embedding:
         return self.model.transformer["wte"]
 
-    def decoder_layers(self):
+    def transformer_layers(self):
         return self.model.transformer["blocks"]
 
     def final_norm(self) -> nn.Module:

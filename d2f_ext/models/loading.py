@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import ModelConfig
-from .decoder import DiffusionLM
+from .diffusion_lm import DiffusionLM
 from .dream import DreamModel
 from .llada import LLaDAModel
 

@@ -98,10 +98,10 @@ def unmask_case(B, W, V, dtype, device):
     mask_id = V - 1
     tokens = torch.full((B, W), mask_id, dtype=torch.long, device=device)
     bids = torch.zeros(B, W, dtype=torch.int32, device=device)
-    full = torch.ones(B, 1, dtype=torch.int32, device=device)
+    fully_activated = torch.ones(B, 1, dtype=torch.int32, device=device)
 
     def ours():
-        return ops.unmask(logits, tokens.clone(), bids, full, mask_id, threshold=0.9)
+        return ops.unmask(logits, tokens.clone(), bids, fully_activated, mask_id, skip_threshold=0.9)
 
     def torch_path():
         t = tokens.clone()

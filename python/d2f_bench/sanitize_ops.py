@@ -54,18 +54,18 @@ def unmask_args(device, dtype, V=151936, B=2, W=8):
     logits[1, 6, ::5] = float("nan")
     tokens = torch.full((B, W), V - 1, dtype=torch.long)
     ids = torch.tensor([[0, 1, 1, 1, 2, 2, 2, -1]] * B, dtype=torch.int32)
-    full = torch.tensor([[1, 1, 1]] * B, dtype=torch.int32)
-    return [t.to(device) for t in (logits, tokens, ids, full)], V - 1
+    fully_activated = torch.tensor([[1, 1, 1]] * B, dtype=torch.int32)
+    return [t.to(device) for t in (logits, tokens, ids, fully_activated)], V - 1
 
 
 def run_unmask(device, dtype):
-    (logits, tokens, ids, full), mask_id = unmask_args(device, dtype)
+    (logits, tokens, ids, fully_activated), mask_id = unmask_args(device, dtype)
     prev = logits[:, 0].contiguous()
     for temperature in (0.0, 0.8):
         for confidence in L.CONFIDENCES:
             for shift in (None, prev):
-                ops.unmask(logits, tokens.clone(), ids, full, mask_id, prev_logits=shift, eos_id=3,
-                           threshold=0.5, temperature=temperature, sampling_strategy=confidence, seed=4)
+                ops.unmask(logits, tokens.clone(), ids, fully_activated, mask_id, prev_logits=shift, eos_id=3,
+                           skip_threshold=0.5, temperature=temperature, sampling_strategy=confidence, seed=4)
 
 
 def out_of_range_calls(device):
@@ -78,14 +78,14 @@ def out_of_range_calls(device):
     bad_ids[:, 0] = -7
     start = torch.tensor([-3, 4, 19], dtype=torch.int32, device=device)
     length = torch.tensor([10, 40, 8], dtype=torch.int32, device=device)
-    (logits, tokens, uids, full), mask_id = unmask_args(device, torch.float32, V=1000)
+    (logits, tokens, uids, fully_activated), mask_id = unmask_args(device, torch.float32, V=1000)
     uids = uids.clone()
     uids[:, 1:3] = torch.tensor([3, 100], dtype=torch.int32)  # past NB = 3
 
     def calls():
         ops.attention(q, k, v, k_cache, v_cache, bad_lens, bad_ids, bad_rows)
         ops.store_kv(k_cache, v_cache, k, v, bad_lens, start, length, bad_rows)
-        ops.unmask(logits, tokens, uids, full, mask_id, threshold=0.1)
+        ops.unmask(logits, tokens, uids, fully_activated, mask_id, skip_threshold=0.1)
     return calls
 
 

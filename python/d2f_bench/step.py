@@ -39,7 +39,7 @@ LLADA_8B = dict(model_type="llada", d_model=4096, n_layers=32, n_heads=32, n_kv_
                 rope_theta=500000.0, max_sequence_length=4096, weight_tying=False, include_bias=False)
 TINY = {**LLADA_8B, "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 512,
         "vocab_size": 4096, "embedding_size": 4096, "mask_token_id": 4000, "eos_token_id": 4001}
-ADD_THRESHOLD, ACTIVATE_THRESHOLD, SKIP_THRESHOLD = 0.1, 0.95, 0.9
+BLOCK_ADD_THRESHOLD, DECODED_TOKEN_THRESHOLD, SKIP_THRESHOLD = 0.1, 0.95, 0.9
 
 
 def make_step(model, batch: int, cache_len: int, blocks: int, block_size: int):
@@ -54,7 +54,7 @@ def make_step(model, batch: int, cache_len: int, blocks: int, block_size: int):
     pos = (cache_len + torch.arange(W, device=device)).expand(batch, W).contiguous()
     # Block 0 is the prompt, already in the cache; the window holds generation blocks 1..blocks.
     block_ids = (1 + torch.arange(W, device=device) // block_size).to(torch.int32).expand(batch, W).contiguous()
-    pipe = BlockPipeline(cache_lens.clone(), (blocks + 2) * block_size, block_size, ADD_THRESHOLD, ACTIVATE_THRESHOLD)
+    pipe = BlockPipeline(cache_lens.clone(), (blocks + 2) * block_size, block_size, BLOCK_ADD_THRESHOLD, DECODED_TOKEN_THRESHOLD)
     rows0, blocks0 = pipe.rows.clone(), pipe.blocks.clone()
     rows, state = pipe.rows.clone(), pipe.blocks.clone()
     tokens0 = torch.full((batch, W), mc.mask_token_id, dtype=torch.long, device=device)
@@ -65,9 +65,9 @@ def make_step(model, batch: int, cache_len: int, blocks: int, block_size: int):
         rows.copy_(rows0)
         state.copy_(blocks0)
         logits = model.forward_window(tokens, pos, block_ids, cache, cache_lens, commit)
-        counts, eos_block = ops.unmask(logits, tokens, block_ids, state[:, L.FULL], mc.mask_token_id,
-                                       eos_id=mc.eos_token_id, threshold=SKIP_THRESHOLD)
-        ops.pipeline_step(rows, state, counts, eos_block, block_size, ADD_THRESHOLD, ACTIVATE_THRESHOLD)
+        counts, eos_block = ops.unmask(logits, tokens, block_ids, state[:, L.FULLY_ACTIVATED], mc.mask_token_id,
+                                       eos_id=mc.eos_token_id, skip_threshold=SKIP_THRESHOLD)
+        ops.pipeline_step(rows, state, counts, eos_block, block_size, BLOCK_ADD_THRESHOLD, DECODED_TOKEN_THRESHOLD)
         return logits
 
     kv_bytes = 2 * mc.num_layers * batch * cache_len * mc.num_kv_heads * mc.head_dim * cache.k.element_size()

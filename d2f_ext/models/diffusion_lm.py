@@ -12,7 +12,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import DecoderLayer, rope_cos_sin
+from .layers import TransformerLayer, rope_cos_sin
 
 
 def block_mask(block_ids: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ class DiffusionLM(nn.Module):
     def embedding(self) -> nn.Embedding:
         raise NotImplementedError
 
-    def decoder_layers(self) -> list[DecoderLayer]:
+    def transformer_layers(self) -> list[TransformerLayer]:
         raise NotImplementedError
 
     def final_norm(self) -> nn.Module:
@@ -70,7 +70,7 @@ class DiffusionLM(nn.Module):
         mask = None if block_ids is None else block_mask(block_ids.to(input_ids.device))
         gqa = self.config.num_heads != self.config.num_kv_heads
         x = self.embedding()(input_ids)
-        for layer in self.decoder_layers():
+        for layer in self.transformer_layers():
             q, k, v = layer.qkv(x, cos, sin)
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask, scale=self.scale, enable_gqa=gqa)
@@ -98,7 +98,7 @@ class DiffusionLM(nn.Module):
                       attn: Optional[ModuleType] = None, packed: Optional[torch.Tensor] = None,
                       outputs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final hidden states [B, W, hidden] of a window over the KV cache, before the output
-        head (:meth:`head`), so a decoder can run the head on the positions it reads only.
+        head (:meth:`head`), so a decoding loop can run the head on the positions it reads only.
 
         input_ids, positions: int64 [B, W]; block_ids: int32 [B, W] (-1 = padding). Each window
         token sees every cached position of its row plus the window tokens of its own or an
@@ -128,7 +128,7 @@ class DiffusionLM(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         src_start = torch.zeros_like(commit_len)
         x = self.embedding()(input_ids)
-        layers = self.decoder_layers()
+        layers = self.transformer_layers()
         for layer_idx, layer in enumerate(layers):
             q, k, v = layer.qkv(x, cos, sin)
             if packed is not None:
