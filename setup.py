@@ -84,7 +84,7 @@ def build_ext_cmdclass():
 
 
 EVAL = ["lm-eval>=0.4,<0.5", "accelerate"]  # d2f-eval
-SERVE = ["fastapi", "uvicorn[standard]"]  # d2f-serve (uvloop, httptools)
+SERVE = ["fastapi", "uvicorn", "uvloop; sys_platform != 'win32'", "httptools"]  # d2f-serve; uvicorn uses the last two
 RECIPE = ["peft", "tqdm", "matplotlib", "psutil", "aiohttp"]  # python -m d2f_recipe.*, d2f_bench.* (plots, CPU shares, clients)
 
 setup(

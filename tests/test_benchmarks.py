@@ -52,3 +52,44 @@ def test_serve_bench_reports_the_round_of_median_speedup():
     assert got["speedups"] == [3.0, 1.0, 2.0] and got["in_process_speedups"] == [4.0, 2.0, 3.0]
     assert got["identical"] == 7
     assert median_round(rounds[:2])["speedup"] == 1.0  # an even count: the lower middle
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from d2f_ext import AutoD2FModel
+    from d2f_ext.cli import DEFAULT_MODEL
+
+    return AutoD2FModel.from_pretrained(DEFAULT_MODEL)
+
+
+def test_serve_bench_clients_read_what_generate_gives(shipped):
+    """The benchmark's clients parse d2f-serve's event stream into the texts and token counts
+    that ``model.generate`` gives on each request alone."""
+    import asyncio
+
+    from d2f_bench.serve import NAME, alone, questions, serve_level
+    from d2f_ext.serve.server import BackgroundServer, build_app
+
+    prompts = questions(5, seed=3)
+    want = alone(shipped, prompts, 24)
+    with BackgroundServer(build_app(shipped, name=NAME, max_batch=2)) as s:
+        got = asyncio.run(serve_level(s.url, prompts, 3, 24))
+    assert got["texts"] == want["texts"] and got["tokens"] == want["tokens"] > 0
+    assert len(got["ttft"]) == len(prompts) and all(0 < t <= lat for t, lat in zip(got["ttft"], got["latency"]))
+
+
+def test_serve_bench_clients_stop_on_a_server_error(shipped):
+    import asyncio
+
+    from d2f_bench.serve import NAME, questions, serve_level
+    from d2f_ext.serve.server import BackgroundServer, build_app
+
+    app = build_app(shipped, name=NAME, max_batch=2)
+
+    def broken():
+        raise RuntimeError("out of cheese")
+
+    app.state.engine_loop.engine.step = broken
+    with BackgroundServer(app) as s:
+        with pytest.raises(RuntimeError, match="out of cheese"):
+            asyncio.run(serve_level(s.url, questions(1), 1, 8))

@@ -260,7 +260,7 @@ def test_full_queue_is_429(one_row, model):
             client.completions.create(model=NAME, prompt="Tom has", max_tokens=16)
         assert e.value.status_code == 429 and e.value.body["code"] == "queue_full"
         engine_loop.release(held)
-        assert client.completions.create(model=NAME, prompt="Tom has", max_tokens=16).choices[0].text is not None
+        assert client.completions.create(model=NAME, prompt="Tom has", max_tokens=16).usage.completion_tokens > 0
     finally:
         loop.close()
 

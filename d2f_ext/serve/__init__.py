@@ -1,5 +1,7 @@
 """d2f-serve: an OpenAI-compatible HTTP server on the D2F engine (``pip install d2f_ext[serve]``).
 
 ``engine_loop`` owns the engine on one thread, ``protocol`` holds the request and response shapes,
-``detokenize`` turns final tokens into text deltas, ``app`` the FastAPI routes, ``cli`` the command.
+``params`` turns a request into decoding settings, ``detokenize`` and ``outputs`` turn final tokens
+into text deltas and usage, ``errors`` gives OpenAI's error bodies, ``app`` the FastAPI routes,
+``server`` builds the app and runs it in the background, ``cli`` the command.
 """

@@ -1,5 +1,5 @@
 """The served model's app (``build_app``) and a uvicorn server on a background thread
-(``BackgroundServer``: for programs that serve and call themselves, as the tests and benchmark do)."""
+(``BackgroundServer``: for programs that serve and call themselves, as the tests do)."""
 
 from __future__ import annotations
 

@@ -140,12 +140,9 @@ class CPUShares:
 
 
 async def serve_level(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
-    """The requests through ``clients`` concurrent streaming clients.
-
-    The clients are aiohttp sessions reading the server-sent events line by line, as vLLM's
-    serving benchmark does, because they share the machine's two cores with the server: the
-    ``openai`` package's client (what the tests use) took 0.24 of a core at 16 clients, against
-    0.05 for these, and the server's throughput fell by as much as the engine lost."""
+    """The requests through ``clients`` concurrent streaming clients: aiohttp sessions that read
+    d2f-serve's server-sent events line by line, light because they share the engine's cores
+    (the ``openai`` package's client, which the tests use, takes several times the CPU)."""
     import aiohttp
 
     results = [None] * len(prompts)
@@ -164,15 +161,23 @@ async def serve_level(url: str, prompts: list[str], clients: int, max_tokens: in
                     if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                         continue
                     chunk = json.loads(line[len(b"data: "):])
+                    if "error" in chunk:
+                        raise RuntimeError(f"d2f-serve failed request {i}: {chunk['error']['message']}")
                     if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                         first = first if first is not None else time.perf_counter() - t0
                         parts.append(chunk["choices"][0]["delta"]["content"])
                     if chunk.get("usage"):
                         usage = chunk["usage"]
-            results[i] = {"text": "".join(parts), "ttft": first, "latency": time.perf_counter() - t0,
-                          "tokens": usage["completion_tokens"]}
+            if usage is None:
+                raise RuntimeError(f"d2f-serve ended request {i}'s stream without a usage chunk")
+            latency = time.perf_counter() - t0
+            # A request that produced no text has its first token at its end.
+            results[i] = {"text": "".join(parts), "ttft": latency if first is None else first,
+                          "latency": latency, "tokens": usage["completion_tokens"]}
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+    # No cap on connections (aiohttp's default is 100): each client keeps one open.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(clients)))
         seconds = time.perf_counter() - t0
