@@ -178,6 +178,31 @@ def pipeline_step(rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor
     torch.ops.d2f_ext.pipeline_step(*args)
 
 
+# Up to this many rows the output head runs as the d2f_ext kernel, above it as torch's BLAS
+# (F.linear), which wins once the rows are enough to reuse each weight tile (measured on 2-core
+# x86-64 at the conformance models' 126k and 152k vocabularies, 128 hidden: d2f_bench.kernels).
+HEAD_KERNEL_MAX_ROWS = 16
+
+
+def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The output head, ``hidden @ weight.T``: hidden [..., K], weight [V, K] -> logits [..., V].
+
+    float32 on the CPU at up to :data:`HEAD_KERNEL_MAX_ROWS` rows (what a decoding step reads),
+    with no gradient wanted, runs the d2f_ext kernel: one pass over the weight, every logit one
+    thread's sum in a fixed order (so independent of the thread count), within float32 rounding
+    of BLAS. Everything else is ``F.linear``.
+    """
+    rows = hidden.numel() // max(hidden.shape[-1], 1)
+    if (not HAVE_C or hidden.device.type != "cpu" or hidden.dtype != torch.float32
+            or weight.dtype != torch.float32 or rows > HEAD_KERNEL_MAX_ROWS or weight.dim() != 2
+            or (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))):
+        return reference.head(hidden, weight)
+    flat = hidden.reshape(rows, hidden.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return torch.ops.d2f_ext.head(flat, weight.contiguous()).reshape(*hidden.shape[:-1], weight.shape[0])
+
+
 if HAVE_C:
     @torch.library.register_fake("d2f_ext::attention")
     def _attention_fake(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale, kernel=None):
@@ -193,6 +218,10 @@ if HAVE_C:
         B, NB = fully_activated.shape
         return (logits.new_empty((B, NB), dtype=torch.int32),
                 logits.new_empty((B,), dtype=torch.int32))
+
+    @torch.library.register_fake("d2f_ext::head")
+    def _head_fake(hidden, weight):
+        return hidden.new_empty((hidden.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("d2f_ext::pipeline_step")
     def _pipeline_step_fake(rows, blocks, counts, eos_block, block_size, block_add_threshold, decoded_token_threshold):

@@ -93,3 +93,13 @@ def test_serve_bench_clients_stop_on_a_server_error(shipped):
     with BackgroundServer(app) as s:
         with pytest.raises(RuntimeError, match="out of cheese"):
             asyncio.run(serve_level(s.url, questions(1), 1, 8))
+
+
+def test_head_bench_writes_every_setting(tmp_path):
+    from d2f_bench import head
+
+    rows = head.main(["--rows", "1", "3", "--threads", "1", "2", "--vocab", "100", "--repeat", "1",
+                      "--out", str(tmp_path)])
+    assert [(r["threads"], r["rows"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    assert all(r["kernel_ms"] > 0 and r["linear_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
+    assert {p.name for p in tmp_path.iterdir()} == {"head.json", "head.md", "head.png"}

@@ -172,7 +172,7 @@ def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_
             at = torch.tensor([w + [W - 1] * (R - len(w)) for w in wanted], device=device)
             real = win_bid.view(-1) >= 0
             hidden = model.window_hidden(win_ids, win_pos, win_bid, cache, lens, commit_len, cache_rows=rows,
-                                         attn=attn, packed=real.nonzero().squeeze(1) if packed else None,
+                                         impl=attn, packed=real.nonzero().squeeze(1) if packed else None,
                                          outputs=at)
             assert hidden.shape[:2] == (B, R)
             logits = torch.zeros(B, W, V, device=device)
@@ -181,12 +181,12 @@ def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_
         elif packed:
             real = win_bid.view(-1) >= 0
             hidden = model.window_hidden(win_ids, win_pos, win_bid, cache, lens, commit_len, cache_rows=rows,
-                                         attn=attn, packed=real.nonzero().squeeze(1))
+                                         impl=attn, packed=real.nonzero().squeeze(1))
             assert hidden.view(B * W, -1)[~real].abs().sum() == 0
             logits = model.head(hidden)
         else:
             logits = model.forward_window(win_ids, win_pos, win_bid, cache, lens, commit_len,
-                                          cache_rows=rows, attn=attn)
+                                          cache_rows=rows, impl=attn)
         for b in range(B):
             s, e = cache_lens[b], ends[b]
             with torch.no_grad():
@@ -250,7 +250,7 @@ def test_window_forward_leaves_cache_lens_alone():
     lens = torch.zeros(1, dtype=torch.int32)
     ids = torch.randint(0, 96, (1, 6))
     model.forward_window(ids, torch.arange(6)[None], torch.zeros(1, 6, dtype=torch.int32), cache, lens,
-                         torch.tensor([6], dtype=torch.int32), attn=d2f_ext.reference)
+                         torch.tensor([6], dtype=torch.int32), impl=d2f_ext.reference)
     assert lens.tolist() == [0]
     assert cache.k[:, 0, :6].abs().sum() > 0 and cache.k[:, 0, 6:].abs().sum() == 0
 
@@ -261,11 +261,11 @@ def test_window_forward_bfloat16_close_to_float32():
     bid = torch.tensor([[0] * 4 + [1] * 4], dtype=torch.int32)
     args = (ids, torch.arange(8)[None], bid)
     zero = torch.zeros(1, dtype=torch.int32)
-    want = model.forward_window(*args, KVCache.for_model(model, 1, 8), zero, zero, attn=d2f_ext.reference)
+    want = model.forward_window(*args, KVCache.for_model(model, 1, 8), zero, zero, impl=d2f_ext.reference)
     model16 = model.to(torch.bfloat16)
     cache16 = KVCache.for_model(model16, 1, 8)
     assert cache16.dtype == torch.bfloat16
-    got = model16.forward_window(*args, cache16, zero, zero, attn=d2f_ext.reference)
+    got = model16.forward_window(*args, cache16, zero, zero, impl=d2f_ext.reference)
     assert got.dtype == torch.bfloat16
     # bf16 keeps ~3 significant digits; the logits reach ~20.
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.03 * want.abs().max().item())

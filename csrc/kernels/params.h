@@ -56,6 +56,18 @@ struct StoreKVParams {
   DType dtype;
 };
 
+// The output head at a few rows: logits[r, v] = sum_k hidden[r, k] * weight[v, k], float32.
+// Each logit is one thread's sum in a fixed order, so the result does not depend on the thread
+// count. Meant for the rows a decoding step reads (a handful per row of the batch), where the
+// head is a pass over the whole weight matrix and BLAS runs well below memory speed.
+struct HeadParams {
+  const float* hidden;  // [R, K], rows hidden_stride apart, last dim contiguous
+  const float* weight;  // [V, K] contiguous
+  float* logits;        // [R, V] contiguous
+  int64_t hidden_stride;
+  int rows, hidden_size, vocab;
+};
+
 // How the forced single pick of a fully activated block ranks positions.
 enum class Confidence : int32_t { kProbability = 0, kMargin = 1, kNegEntropy = 2 };
 

@@ -95,7 +95,7 @@ def _decode_row(model, prompt: list[int], cfg: D2FConfig, eos: int | None):
         bids = torch.tensor([block_of[start:]], dtype=torch.int32, device=device)
         positions = torch.arange(start, len(seq), device=device)[None]
         logits = model.forward_window(ids, positions, bids, cache, torch.tensor([start], dtype=torch.int32),
-                                      torch.tensor([commit], dtype=torch.int32), attn=reference)[0]
+                                      torch.tensor([commit], dtype=torch.int32), impl=reference)[0]
         forwards += 1
         for b in to_cache:
             b["state"] = "in_cache"

@@ -51,9 +51,17 @@ class DiffusionLM(nn.Module):
         transformers' models answer, when an adapter targets the head."""
         raise NotImplementedError
 
-    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def output_logits(self, h: torch.Tensor, impl: Optional[ModuleType] = None) -> torch.Tensor:
         head = self.get_output_embeddings()
-        return head(h) if head is not None else F.linear(h, self.embedding().weight)
+        if head is None:
+            weight = self.embedding().weight
+        elif type(head) is nn.Linear and head.bias is None:
+            weight = head.weight
+        else:  # e.g. a PEFT layer wrapping the head: its own forward adds the adapter
+            return head(h)
+        if impl is None:
+            from .. import ops as impl
+        return impl.head(h, weight)
 
     def forward(self, input_ids: torch.Tensor, block_ids: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -81,21 +89,22 @@ class DiffusionLM(nn.Module):
     def forward_window(self, input_ids: torch.Tensor, positions: torch.Tensor, block_ids: torch.Tensor,
                        cache: KVCache, cache_lens: torch.Tensor, commit_len: torch.Tensor,
                        cache_rows: Optional[torch.Tensor] = None,
-                       attn: Optional[ModuleType] = None) -> torch.Tensor:
+                       impl: Optional[ModuleType] = None) -> torch.Tensor:
         """Logits [B, W, V] of a window over the KV cache (raw: before Dream's shift); see
         :meth:`window_hidden`, whose every position this runs the output head on."""
         return self.head(self.window_hidden(input_ids, positions, block_ids, cache, cache_lens, commit_len,
-                                            cache_rows, attn))
+                                            cache_rows, impl), impl)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of final hidden states (any leading shape): the final norm and the output head."""
-        return self.output_logits(self.final_norm()(hidden))
+    def head(self, hidden: torch.Tensor, impl: Optional[ModuleType] = None) -> torch.Tensor:
+        """Logits of final hidden states (any leading shape): the final norm and the output head
+        (``impl.head``, see :meth:`window_hidden`)."""
+        return self.output_logits(self.final_norm()(hidden), impl)
 
     @torch.no_grad()
     def window_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, block_ids: torch.Tensor,
                       cache: KVCache, cache_lens: torch.Tensor, commit_len: torch.Tensor,
                       cache_rows: Optional[torch.Tensor] = None,
-                      attn: Optional[ModuleType] = None, packed: Optional[torch.Tensor] = None,
+                      impl: Optional[ModuleType] = None, packed: Optional[torch.Tensor] = None,
                       outputs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final hidden states [B, W, hidden] of a window over the KV cache, before the output
         head (:meth:`head`), so a decoding loop can run the head on the positions it reads only.
@@ -104,8 +113,9 @@ class DiffusionLM(nn.Module):
         token sees every cached position of its row plus the window tokens of its own or an
         earlier block. Window rows [0, commit_len[b]) are written to the cache at cache_lens[b]
         in every layer; cache_lens itself is left for the caller to advance. cache_rows: the
-        cache row of each batch row (default b). attn: a module with ``attention`` and
-        ``store_kv`` (default :mod:`d2f_ext.ops`; :mod:`d2f_ext.reference` for plain PyTorch).
+        cache row of each batch row (default b). impl: the module whose ``attention``,
+        ``store_kv`` and ``head`` run (default :mod:`d2f_ext.ops`; :mod:`d2f_ext.reference` for
+        plain PyTorch).
         Inference only: runs without autograd.
 
         packed: int64 [N], the flat indices (b * W + i) of the window positions that are not
@@ -120,8 +130,8 @@ class DiffusionLM(nn.Module):
         (for the cache and for attention), but its output projection and MLP, most of a
         layer's work, run on those R positions only.
         """
-        if attn is None:
-            from .. import ops as attn
+        if impl is None:
+            from .. import ops as impl
         B, W = input_ids.shape
         if packed is not None:
             input_ids, positions = input_ids.reshape(1, -1)[:, packed], positions.reshape(1, -1)[:, packed]
@@ -134,9 +144,9 @@ class DiffusionLM(nn.Module):
             if packed is not None:
                 q, k, v = (_unpack(t, packed, B, W) for t in (q, k, v))
             k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
-            o = attn.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows,
+            o = impl.attention(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows,
                                scale=self.scale)
-            attn.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, commit_len, cache_rows)
+            impl.store_kv(k_cache, v_cache, k, v, cache_lens, src_start, commit_len, cache_rows)
             if outputs is not None and layer_idx == len(layers) - 1:
                 flat = (outputs + W * torch.arange(B, device=outputs.device)[:, None]).view(-1)
                 x = x.reshape(-1, x.shape[-1])[flat if packed is None else _packed_index(flat, packed, B * W)]
