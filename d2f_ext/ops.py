@@ -179,8 +179,9 @@ def pipeline_step(rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor
 
 
 # Up to this many rows the output head runs as the d2f_ext kernel, above it as torch's BLAS
-# (F.linear), which wins once the rows are enough to reuse each weight tile (measured on 2-core
-# x86-64 at the conformance models' 126k and 152k vocabularies, 128 hidden: d2f_bench.kernels).
+# (F.linear), which at one thread catches up from about 24 rows, where its blocking reuses each
+# weight tile across enough rows (2-core x86-64, the conformance models' 126k and 152k x 128
+# heads: python -m d2f_bench.head, results/head).
 HEAD_KERNEL_MAX_ROWS = 16
 
 
