@@ -193,7 +193,7 @@ def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     thread's sum in a fixed order (so independent of the thread count), within float32 rounding
     of BLAS. Everything else is ``F.linear``.
     """
-    rows = hidden.numel() // max(hidden.shape[-1], 1)
+    rows = math.prod(hidden.shape[:-1])
     if (not HAVE_C or hidden.device.type != "cpu" or hidden.dtype != torch.float32
             or weight.dtype != torch.float32 or rows > HEAD_KERNEL_MAX_ROWS or weight.dim() != 2
             or (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))):

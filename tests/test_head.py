@@ -23,14 +23,20 @@ def test_strided_rows_and_the_thread_count_do_not_change_a_bit():
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(999, 40, generator=g), torch.randn(5, 80, generator=g)[:, :40]  # rows 80 apart
     want = torch.ops.d2f_ext.head(x.contiguous(), w)
-    for threads in (1, 2, 3):
-        torch.set_num_threads(threads)
-        assert torch.equal(torch.ops.d2f_ext.head(x, w), want)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(torch.ops.d2f_ext.head(x, w), want)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_empty():
     assert torch.ops.d2f_ext.head(torch.randn(0, 8), torch.randn(5, 8)).shape == (0, 5)
     assert torch.ops.d2f_ext.head(torch.randn(3, 8), torch.randn(0, 8)).shape == (3, 0)
+    with torch.no_grad():  # hidden size 0: zeros, as F.linear gives
+        assert torch.equal(ops.head(torch.randn(2, 3, 0), torch.randn(5, 0)), torch.zeros(2, 3, 5))
 
 
 BAD = [

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import d2f_ext.ops
 import d2f_ext.reference
@@ -119,8 +120,22 @@ def test_output_embeddings_are_the_head(arch):
     untied, tied = make_model(arch, tie=False), make_model(arch, tie=True)
     head = untied.get_output_embeddings()
     h = torch.randn(2, untied.config.hidden_size)
-    torch.testing.assert_close(untied.output_logits(h), head(h))
+    with torch.no_grad():  # so that ops.head runs its kernel, not the differentiable F.linear
+        torch.testing.assert_close(untied.output_logits(h), head(h))
+        torch.testing.assert_close(tied.output_logits(h), F.linear(h, tied.embedding().weight))
     assert tied.get_output_embeddings() is None and tied.get_input_embeddings().weight.shape[0] == tied.config.vocab_size
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_a_hooked_head_runs_its_own_forward(arch):
+    """Hooks on the head (a user's, or accelerate's offload) keep running: the module's forward
+    is called, not the d2f_ext kernel on its weight."""
+    model = make_model(arch, tie=False)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    with torch.no_grad():
+        model.output_logits(torch.randn(3, model.config.hidden_size))
+    assert seen == [(3, model.config.vocab_size)]
 
 
 def test_forward_is_differentiable():
@@ -183,7 +198,7 @@ def simulate(model, prompts, block_size, n_blocks, commits, attn, device, cache_
             hidden = model.window_hidden(win_ids, win_pos, win_bid, cache, lens, commit_len, cache_rows=rows,
                                          impl=attn, packed=real.nonzero().squeeze(1))
             assert hidden.view(B * W, -1)[~real].abs().sum() == 0
-            logits = model.head(hidden)
+            logits = model.head(hidden, attn)
         else:
             logits = model.forward_window(win_ids, win_pos, win_bid, cache, lens, commit_len,
                                           cache_rows=rows, impl=attn)

@@ -73,7 +73,7 @@ void tile_plain(const HeadParams& p, int v0, int nv, int r0, int nr) { tile(p, v
 void head_cpu(const HeadParams& p) {
   static const bool fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const auto run = fma ? tile_fma : tile_plain;
-  const int tiles = (p.vocab + kTileVocab - 1) / kTileVocab;
+  const int tiles = p.vocab / kTileVocab + (p.vocab % kTileVocab != 0);
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < tiles; ++t) {
     const int v0 = t * kTileVocab, nv = std::min(kTileVocab, p.vocab - v0);

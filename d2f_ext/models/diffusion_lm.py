@@ -55,9 +55,10 @@ class DiffusionLM(nn.Module):
         head = self.get_output_embeddings()
         if head is None:
             weight = self.embedding().weight
-        elif type(head) is nn.Linear and head.bias is None:
+        elif (type(head) is nn.Linear and head.bias is None and not head._forward_hooks
+              and not head._forward_pre_hooks and "forward" not in head.__dict__):
             weight = head.weight
-        else:  # e.g. a PEFT layer wrapping the head: its own forward adds the adapter
+        else:  # a PEFT layer, hooks (e.g. accelerate's offload) or a bias: the module's own forward
             return head(h)
         if impl is None:
             from .. import ops as impl

@@ -52,7 +52,8 @@ def main(argv=None) -> list[dict]:
                     r = rows[-1]
                     print(f"threads {threads} vocab {V} rows {R:3d}: kernel {r['kernel_ms']:7.2f} ms, "
                           f"F.linear {r['linear_ms']:7.2f} ms, {r['ratio']:.2f}x", flush=True)
-    write_json(os.path.join(a.out, "head.json"), {"env": environment(), "hidden": HIDDEN, "rows": rows})
+    args = {k: getattr(a, k) for k in ("rows", "threads", "vocab", "repeat")}
+    write_json(os.path.join(a.out, "head.json"), {"env": environment(), "args": args, "hidden": HIDDEN, "rows": rows})
     write_markdown(os.path.join(a.out, "head.md"),
                    ["threads", "vocabulary", "rows", "d2f_ext kernel (ms)", "F.linear (ms)", "F.linear / kernel"],
                    [[r["threads"], r["vocab"], r["rows"], f"{r['kernel_ms']:.2f}", f"{r['linear_ms']:.2f}",
