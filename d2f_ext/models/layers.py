@@ -58,7 +58,15 @@ class TransformerLayer(nn.Module):
 
     def _parts(self) -> list[nn.Module]:
         # Looked up on every call, never cached: PEFT swaps the linear layers for LoRA wrappers.
-        return [self.get_submodule(p) for p in self.PARTS]
+        # Walked through _modules because get_submodule's checks cost about 0.3 ms a forward of
+        # the shipped 4-layer model, several percent of a decoding step on the CPU.
+        parts = []
+        for path in self.PARTS:
+            module = self
+            for name in path.split("."):
+                module = module._modules[name]
+            parts.append(module)
+        return parts
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B, L, H, D], k and v [B, L, Hkv, D], RoPE applied to q and k."""
