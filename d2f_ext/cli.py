@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -10,9 +11,10 @@ import time
 import torch
 
 from .auto import AutoD2FModel
-from .generate import DECODERS
+from .generate import DECODERS, THRESHOLD_SETTINGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "d2f-math")
@@ -46,7 +48,17 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="float16 for GPUs without bfloat16")
     p.add_argument("--device", default="cpu")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
+    if a.decoder == "vanilla":
+        given = [f"--{n.replace('_', '-')}" for n in THRESHOLD_SETTINGS if getattr(a, n) is not None]
+        given += ["--temperature"] if a.temperature > 0 else []
+        if given:
+            p.error(f"--decoder vanilla (greedy, --steps per generation) takes no {', '.join(given)}")
+    elif a.steps is not None:
+        p.error(f"--steps is the vanilla decoder's setting; --decoder {a.decoder} decodes by thresholds")
+    return a
 
 
 def main(argv=None) -> int:
@@ -79,6 +91,8 @@ def run(a: argparse.Namespace) -> int:
     if a.file:
         with open(a.file) as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"--file {a.file}: no prompt in it (every line is blank)")
     else:
         prompts = [a.prompt if a.prompt is not None else DEFAULT_PROMPT]
     if a.chat or (a.chat is None and tok.chat_template):
@@ -86,12 +100,10 @@ def run(a: argparse.Namespace) -> int:
                                            add_generation_prompt=True) for p in prompts]
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    names = ["block_size"] if a.decoder == "vanilla" else [
-        "block_size", "block_add_threshold", "decoded_token_threshold", "skip_threshold", "sampling_strategy"]
-    kwargs = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
-    if a.decoder == "vanilla":
+    kwargs = {n: getattr(a, n) for n in ("block_size", *THRESHOLD_SETTINGS) if getattr(a, n) is not None}
+    if a.steps is not None:
         kwargs["steps"] = a.steps
-    elif a.temperature > 0:
+    if a.temperature > 0:
         kwargs.update(do_sample=True, temperature=a.temperature)
     if a.stop:
         kwargs["stop_strings"] = a.stop

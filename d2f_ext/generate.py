@@ -24,6 +24,8 @@ from .engine import engine_for, first_stop
 
 _D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
 _ENGINE_DECODERS = ("d2f", "fast-dllm")
+# The settings only the threshold decoders (d2f, fast-dllm, reference) read; vanilla is greedy.
+THRESHOLD_SETTINGS = ("block_add_threshold", "decoded_token_threshold", "skip_threshold", "sampling_strategy")
 
 
 @dataclasses.dataclass
@@ -72,6 +74,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     unknown = set(kwargs) - _D2F_FIELDS - {"do_sample", "eos_token_id", "pad_token_id"}
     if unknown:
         raise TypeError(f"generate() got unexpected keyword argument(s): {sorted(unknown)}")
+    # Settings the chosen decoder has no use for are refused: silently dropping them would decode
+    # otherwise than asked.
+    if steps is not None and decoder != "vanilla":
+        raise ValueError(f"steps is vanilla decoding's setting; decoder={decoder!r} decodes by thresholds")
+    if decoder == "vanilla":
+        unused = sorted(k for k in THRESHOLD_SETTINGS if kwargs.get(k) is not None)
+        unused += ["do_sample"] if kwargs.get("do_sample") else []
+        if unused:
+            raise ValueError(f"decoder='vanilla' (greedy, steps per block) takes no {unused}")
     gc = merged_generation_config(model, generation_config)
     get = (gc.get if isinstance(gc, dict) else (lambda k, d=None: getattr(gc, k, d))) if gc is not None \
         else (lambda k, d=None: d)

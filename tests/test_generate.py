@@ -221,6 +221,33 @@ def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, tiny_checkpoint):
         assert "d2f-generate: error:" in err.getvalue() and needle in err.getvalue()
 
 
+
+def test_cli_flags_the_decoder_does_not_read_are_refused(tmp_path, tiny_checkpoint, capsys):
+    folder = tiny_checkpoint("llada", seed=5)
+    for argv, needle in [(["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+                         (["--decoder", "vanilla", "--skip-threshold", "0.5"], "takes no --skip-threshold"),
+                         (["--decoder", "vanilla", "--temperature", "0.7"], "takes no --temperature"),
+                         (["--steps", "8"], "--steps is the vanilla decoder's setting")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--model", folder, *argv])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    assert cli.main(["--model", folder, "--file", str(blank)]) == 2
+    assert "no prompt" in capsys.readouterr().err
+
+
+def test_generate_refuses_settings_the_decoder_does_not_read(model):
+    enc = _encode(model, ["the bird"])
+    with pytest.raises(ValueError, match="steps is vanilla decoding's setting"):
+        model.generate(**enc, max_new_tokens=8, steps=8, **KW)
+    for bad in (dict(skip_threshold=0.5), dict(sampling_strategy="neg_entropy"), dict(do_sample=True)):
+        with pytest.raises(ValueError, match=f"takes no \\['{next(iter(bad))}'\\]"):
+            model.generate(**enc, max_new_tokens=8, decoder="vanilla", block_size=4, **bad)
+    # Greedy vanilla with its own settings still runs, as the checkpoint's thresholds do not count.
+    out = model.generate(**enc, max_new_tokens=8, decoder="vanilla", block_size=4, steps=4, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 8
+
 # --- generate on the model's engine ----------------------------------------------------------
 
 def test_second_generate_of_the_same_shapes_builds_nothing(model, monkeypatch):
