@@ -72,3 +72,20 @@ def test_cli_default_answers_its_default_question():
         assert cli.main([]) == 0
     assert "The answer is 14." in out.getvalue()
     assert "tokens_per_forward=" in err.getvalue()
+
+
+def _cli(argv):
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        assert cli.main(argv) == 0
+    return out.getvalue().rstrip("\n")
+
+
+def test_cli_no_chat_sends_the_prompt_as_is():
+    # The chat template writes the trained prompt format: sent as is, that format decodes alike.
+    assert _cli(["--no-chat", "--prompt", task_math.format_prompt(cli.DEFAULT_PROMPT)]) == _cli([])
+
+
+def test_cli_stop_string_ends_the_completion_at_its_first_occurrence():
+    full, cut = _cli([]), _cli(["--stop", " = "])
+    assert full.startswith(cut) and cut.count(" = ") == 1 and len(cut) < len(full)
