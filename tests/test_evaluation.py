@@ -177,6 +177,15 @@ def test_bad_model_args_are_one_line_before_any_model_work(tmp_path, no_model_lo
     _fails(f"pretrained={bare}", "no tokenizer files")
 
 
+@pytest.mark.parametrize("arg, message", [
+    ("batch_size=inf", "batch_size must be an integer, got inf"),
+    ("max_new_tokens=nan", "max_new_tokens must be an integer, got nan"),
+    ("device=nope", "device 'nope'"),
+])
+def test_bad_number_or_device_is_one_line_naming_it(arg, message, no_model_load):
+    _fails(f"pretrained={SHIPPED},{arg}", f"d2f model_args: {message}")
+
+
 def test_adapter_for_another_base_model_says_what_differs(tmp_path, no_model_load):
     shipped = ModelConfig.from_file(SHIPPED)
     arch, other = shipped.arch, {"llada": "dream", "dream": "llada"}[shipped.arch]
@@ -247,6 +256,28 @@ def test_chat_template_is_the_tokenizers():
     assert lm.tokenizer_name.endswith("d2f-math")
 
 
+def test_task_length_is_honoured_unless_max_new_tokens_is_given(monkeypatch):
+    from lm_eval.api.instance import Instance
+
+    def lengths(lm) -> list[int]:
+        asked = []
+        generate = lm.model.generate
+
+        def spy(*args, **kwargs):
+            asked.append(kwargs["max_new_tokens"])
+            return generate(*args, **kwargs)
+
+        monkeypatch.setattr(lm.model, "generate", spy)
+        # lm-eval's aliases of a task's length, and none (generation_config.json's 64).
+        gen_kwargs = [{"max_gen_toks": 8}, {"max_completion_tokens": 8}, {"max_tokens": 8}, {}]
+        lm.generate_until([Instance("generate_until", {}, ("Question: 1 + 1? Answer:", {"until": [], **g}), i)
+                           for i, g in enumerate(gen_kwargs)], disable_tqdm=True)
+        return sorted(asked)
+
+    assert lengths(D2FLM(pretrained=SHIPPED)) == [8, 8, 8, 64]  # one batch each (batch_size 1)
+    assert lengths(D2FLM(pretrained=SHIPPED, max_new_tokens=16)) == [16] * 4
+
+
 # --- HumanEval's code filter -------------------------------------------------------------------
 
 PROMPT = 'from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    """Sum."""\n'
@@ -262,6 +293,9 @@ PROMPT = 'from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    """S
     # A helper the solution needs is kept; text that stops parsing is cut.
     ("    return helper(a) + b\n\n\ndef helper(x):\n    return x\n\nThis function adds",
      PROMPT + "    return helper(a) + b\n\n\ndef helper(x):\n    return x\n"),
+    # The body, then a second attempt at the whole function: still the prompt's program.
+    ("    return a + b\n\n\ndef add(a, b):\n    return b + a\n",
+     PROMPT + "    return a + b\n\n\ndef add(a, b):\n    return b + a\n"),
 ])
 def test_sanitize_keeps_the_program_that_defines_the_entry_point(completion, want):
     got = sanitize(PROMPT, completion, "add")
@@ -289,17 +323,41 @@ def test_presets_hold_the_published_settings():
     assert len(table().splitlines()) == 2 + len(PRESETS)
 
 
-def test_preset_fills_what_the_command_line_leaves_out():
-    argv = cli.apply_preset(["--model_args", "pretrained=/ckpt,block_size=16", "--limit", "5"], "llada-gsm8k")
+@pytest.mark.parametrize("command", [[], ["run"]])
+def test_preset_fills_what_the_command_line_leaves_out(command):
+    from lm_eval._cli.harness import HarnessCLI
+
+    argv = cli.apply_preset(command + ["--model_args", "pretrained=/ckpt,block_size=16", "--limit", "5"],
+                            "llada-gsm8k")
+    args = HarnessCLI()._parser.parse_args(argv if command else ["run"] + argv)  # d2f-eval adds run
     # lm-eval merges repeated --model_args left to right: the user's, given after, win.
-    assert argv.index("--model_args") < argv.index("pretrained=/ckpt,block_size=16")
-    assert "block_size=64" in argv[argv.index("--model_args") + 1]
-    assert argv[argv.index("--tasks") + 1] == "gsm8k" and argv[argv.index("--num_fewshot") + 1] == "4"
-    assert "--apply_chat_template" in argv and "--fewshot_as_multiturn" in argv
+    assert args.model_args == {**PRESETS["llada-gsm8k"]["model_args"], "pretrained": "/ckpt", "block_size": 16}
+    assert (args.tasks, args.num_fewshot, args.limit) == (["gsm8k"], 4, 5)
+    assert args.apply_chat_template is True and args.fewshot_as_multiturn is True
     mine = cli.apply_preset(["--tasks", "gsm8k_cot", "--num_fewshot", "8"], "llada-gsm8k")
     assert mine.count("--tasks") == 1 and mine.count("--num_fewshot") == 1
     with pytest.raises(ValueError, match="unknown preset"):
         cli.apply_preset([], "llada-hellaswag")
+
+
+def test_each_run_writes_only_its_own_speed(tmp_path, monkeypatch):
+    from lm_eval._cli.harness import HarnessCLI
+
+    from d2f_ext.evaluation.model import SPEED_RUNS
+
+    def execute(self, args):  # lm-eval's run, as far as d2f-eval sees it
+        SPEED_RUNS.append({"output_path": args.output_path})
+        folder = pathlib.Path(args.output_path) / "model"
+        folder.mkdir(parents=True)
+        (folder / "results_1.json").write_text("{}")
+
+    monkeypatch.setattr(HarnessCLI, "execute", execute)
+    for run in ("first", "second"):
+        with redirect_stderr(io.StringIO()):
+            assert cli.main(["--model_args", f"pretrained={SHIPPED}", "--tasks", "d2f_math",
+                             "--output_path", str(tmp_path / run)]) == 0
+        with open(tmp_path / run / "model" / "d2f_speed_1.json") as f:
+            assert json.load(f)["runs"] == [{"output_path": str(tmp_path / run)}]
 
 
 def test_preset_without_checkpoint_names_what_to_download():

@@ -42,7 +42,8 @@ def _take(argv: list[str], flag: str):
 
 def apply_preset(argv: list[str], name: str) -> list[str]:
     """argv with the preset's settings added where argv does not set them; the preset's
-    model_args go first, so that --model_args given after them win."""
+    model_args go first (after a leading subcommand such as ``run``), so that --model_args
+    given after them win."""
     from .presets import PRESETS
 
     if name not in PRESETS:
@@ -50,7 +51,10 @@ def apply_preset(argv: list[str], name: str) -> list[str]:
     p = PRESETS[name]
     out = list(argv)
     model_args = ",".join(f"{k}={v}" for k, v in p["model_args"].items())
-    out[:0] = ["--model_args", model_args]
+    # argparse takes the subcommand only as the first argument: before it, "run" would be read
+    # as a --model_args value.
+    at = 1 if argv and not argv[0].startswith("-") else 0
+    out[at:at] = ["--model_args", model_args]
     if not _has(argv, "--tasks") and not _has(argv, "-t"):
         out += ["--tasks", p["task"]]
     if not _has(argv, "--num_fewshot") and not _has(argv, "-f"):
@@ -112,6 +116,7 @@ def _run(argv: list[str]) -> int:
     from .model import SPEED_RUNS, check_model_args
 
     setup_logging()
+    SPEED_RUNS.clear()  # a second main() in this process writes only its own runs
     cli = HarnessCLI()
     commands = cli._subparsers.choices
     if not argv or argv[0] not in commands:

@@ -35,12 +35,15 @@ def _parsable_prefix(code: str) -> str:
 
 def sanitize(prompt: str, completion: str, entry_point: str) -> str:
     """The program HumanEval should test: the first fenced code block of ``completion`` if it has
-    one, after ``prompt`` unless it defines ``entry_point`` itself (then the prompt's imports
-    only), cut to its longest parsable prefix, with only imports, definitions and assignments
-    kept at top level."""
+    one, after ``prompt`` unless it starts at column 0 and defines ``entry_point`` itself (then
+    the prompt's imports only), cut to its longest parsable prefix, with only imports,
+    definitions and assignments kept at top level."""
     fence = FENCE_RE.search(completion)
     code = fence.group(1) if fence else completion
-    if re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.M):
+    first = next((line for line in code.split("\n") if line.strip()), "")
+    # An indented start continues the prompt's function, even when a second attempt at the entry
+    # point follows it.
+    if not first[:1].isspace() and re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.M):
         imports = [line for line in prompt.split("\n") if line.startswith(("import ", "from "))]
         program = "\n".join(imports + [code])
     else:

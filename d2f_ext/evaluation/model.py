@@ -18,7 +18,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 
 from ..auto import AutoD2FModel, load_generation_config
-from ..cli import DTYPES
+from ..cli import DTYPES, check_device
 from ..config import D2FConfig
 from ..generate import DECODERS
 from ..models import ModelConfig, check_adapter, model_for_config
@@ -43,11 +43,12 @@ def _integer(name: str, value) -> int:
         raise TypeError(f"d2f model_args: {name} must be an integer, got {value!r}")
     try:
         as_float = float(value)
-    except ValueError:
+        whole = int(as_float)
+    except (ValueError, OverflowError):  # not a number, nan, inf
         raise TypeError(f"d2f model_args: {name} must be an integer, got {value!r}") from None
-    if as_float != int(as_float):
+    if as_float != whole:
         raise TypeError(f"d2f model_args: {name} must be an integer, got {value!r}")
-    return int(as_float)
+    return whole
 
 
 def _number(name: str, value) -> float:
@@ -88,6 +89,11 @@ def check_model_args(args: dict) -> dict:
         raise ValueError(f"d2f model_args: dtype must be one of {sorted(DTYPES)}, got {a['dtype']!r}")
     if a.get("decoder", "d2f") not in DECODERS:
         raise ValueError(f"d2f model_args: decoder must be one of {DECODERS}, got {a['decoder']!r}")
+    if "device" in a:
+        try:
+            check_device(str(a["device"]))
+        except ValueError as e:  # check_device names d2f-generate's flag, --device
+            raise ValueError(f"d2f model_args: {str(e).removeprefix('--')}") from None
     for key in ("block_size", "max_new_tokens", "batch_size"):
         if key in a:
             a[key] = _integer(key, a[key])
@@ -116,14 +122,9 @@ def check_model_args(args: dict) -> dict:
 def decoding_settings(folder: str, args: dict) -> D2FConfig:
     """The D2F settings a run decodes with: model_args over the checkpoint's
     generation_config.json over D2FConfig's defaults."""
-    saved = load_generation_config(folder)
-    fields = {f.name for f in dataclasses.fields(D2FConfig)}
-    merged = {k: v for k, v in (saved.to_dict() if saved is not None else {}).items()
-              if k in fields and v is not None}
-    merged.update({k: args[k] for k in D2F_ARGS if k in args})
-    for k in ("temperature", "top_k", "top_p", "seed"):  # per request, from the task's gen_kwargs
-        merged.pop(k, None)
-    return D2FConfig(**merged)
+    # do_sample=False: sampling is per request, from the task's gen_kwargs.
+    return D2FConfig.from_generation_config(load_generation_config(folder), do_sample=False,
+                                            **{k: args.get(k) for k in D2F_ARGS})
 
 
 @register_model("d2f")
@@ -230,9 +231,8 @@ class D2FLM(LM):
     def _request_settings(self, gen_kwargs: dict) -> dict:
         """generate() keyword arguments for one request's gen_kwargs."""
         g = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=self.settings.max_new_tokens)
-        asked = any(k in gen_kwargs for k in ("max_gen_toks", "max_new_tokens", "max_tokens"))
-        length = self.args.get("max_new_tokens") or (g["max_gen_toks"] if asked else self.settings.max_new_tokens)
-        s = dict(max_new_tokens=int(length), stop_strings=[u for u in g["until"] if u])
+        s = dict(max_new_tokens=self.args.get("max_new_tokens", g["max_gen_toks"]),
+                 stop_strings=[u for u in g["until"] if u])
         if g["do_sample"]:
             s.update(do_sample=True, temperature=float(g.get("temperature", 1.0)))
             s.update({k: g[k] for k in ("top_k", "top_p") if g.get(k) is not None})

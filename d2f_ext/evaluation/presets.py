@@ -28,7 +28,6 @@ _ROWS = [
     ("dream", "humaneval_d2f", 0, 256, 32, 0.9, 0.95, 0.95),
     ("dream", "mbpp", 3, 256, 48, 0.1, 0.95, 0.9),
 ]
-CODE_TASKS = ("humaneval_d2f", "mbpp")
 
 
 def _preset(model, task, shots, length, block, add, act, skip) -> dict:
@@ -36,7 +35,6 @@ def _preset(model, task, shots, length, block, add, act, skip) -> dict:
     return dict(
         model=model, base_model=MODELS[model]["base"], adapter=MODELS[model]["adapter"], task=task,
         num_fewshot=shots, apply_chat_template=chat, fewshot_as_multiturn=chat and shots > 0,
-        confirm_run_unsafe_code=task in CODE_TASKS,
         model_args=dict(dtype="bfloat16", add_bos_token=True, max_new_tokens=length, block_size=block,
                         block_add_threshold=add, decoded_token_threshold=act, skip_threshold=skip))
 
