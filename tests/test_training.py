@@ -2,7 +2,10 @@
 a few steps of each training loop (the loss must fall), on tiny models."""
 
 import json
+import math
 import os
+import re
+import shutil
 import statistics
 import types
 
@@ -11,7 +14,7 @@ import torch
 
 from d2f_ext import AutoD2FModel
 from d2f_ext.models import load_adapter, load_model
-from d2f_recipe import adapt_ar, distill, task_math, train_ar, train_teacher
+from d2f_recipe import adapt_ar, distill, task_math, tokenizer_math, train_ar, train_teacher
 from d2f_recipe import training as tc
 
 TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--batch", "8", "--train-size", "200",
@@ -67,14 +70,6 @@ def test_split_disjoint_and_deterministic():
     assert task_math.problems("test", 300, seed=2) != test
     # Disjoint whatever the seeds: a test question of one seed is never a train one of another.
     assert not {p.question for p in task_math.problems("train", 3000, seed=2)} & {p.question for p in test}
-
-
-def test_accuracy():
-    ps = task_math.problems("test", 4, seed=0)
-    outs = [ps[0].solution, f"The answer is {ps[1].answer + 1}", "", ps[3].solution]
-    assert task_math.accuracy(outs, ps) == 0.5
-    with pytest.raises(ValueError, match="outputs"):
-        task_math.accuracy(outs[:3], ps)
 
 
 def test_steps_right_checks_each_written_step():
@@ -446,6 +441,83 @@ def test_adapt_loss_falls_and_gives_a_dream_teacher(ar, tmp_path):
     assert AutoD2FModel.from_pretrained(out).tokenizer.mask_token_id == model.config.mask_token_id
 
 
-def test_adapt_rejects_a_bad_anneal(ar, tmp_path):
-    with pytest.raises(SystemExit):
+def test_adapt_rejects_a_bad_anneal(ar, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         adapt_ar.main(["--ar", ar[0], "--out", str(tmp_path / "x"), "--anneal", "-1"])
+    assert e.value.code == 2 and "--anneal must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_distill_pads_with_eos_id_when_the_tokenizer_has_neither(teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(teacher[0], folder, ignore=shutil.ignore_patterns(tc.STATE_DIR))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["eos_token"], config["pad_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(folder).eos_token_id is None
+    args = ["--teacher", str(folder), "--full-finetune", "--steps", "1", "--batch", "2", "--train-size", "2",
+            "--device", "cpu"]
+    with pytest.raises(ValueError, match="--eos-id"):
+        distill.main([*args, "--out", str(tmp_path / "a")])
+    eos = AutoTokenizer.from_pretrained(teacher[0]).eos_token_id
+    losses = distill.main([*args, "--out", str(tmp_path / "b"), "--eos-id", str(eos)])
+    assert len(losses) == 1 and math.isfinite(losses[0])
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+def _tokenizer_folder(folder):
+    folder.mkdir(exist_ok=True)
+    (folder / "tokenizer.json").write_text("{}")  # all the argument check looks for
+    return str(folder)
+
+
+@pytest.mark.parametrize("command, args, message", [
+    (train_teacher, ["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    (train_teacher, ["--steps", "0"], "--steps must be >= 1, got 0"),
+    (train_teacher, ["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (train_teacher, ["--gen-len", "0"], "--gen-len must be >= 1, got 0"),
+    (train_ar, ["--train-size", "0"], "--train-size must be >= 1, got 0"),
+    (train_ar, ["--batch", "0"], "--batch must be >= 1, got 0"),
+    (train_ar, ["--steps", "0"], "--steps must be >= 1, got 0"),
+    (train_ar, ["--intermediate", "0"], "--intermediate must be >= 1, got 0"),
+    (train_ar, ["--threads", "0"], "--threads must be >= 1, got 0"),
+    (adapt_ar, ["--batch", "0"], "--batch must be >= 1, got 0"),
+    (adapt_ar, ["--block-size", "0"], "--block-size must be >= 1, got 0"),
+    (distill, ["--steps", "0"], "--steps must be >= 1, got 0"),
+    (distill, ["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    (distill, ["--train-size", "0"], "--train-size must be >= 1, got 0"),
+    (distill, ["--lora-r", "0"], "--lora-r must be >= 1, got 0"),
+    (distill, ["--full-finetune", "--merge-to", "m"], "--merge-to needs a LoRA run"),
+])
+def test_trainers_reject_bad_arguments_by_name(command, args, message, tmp_path, capsys):
+    folder = _tokenizer_folder(tmp_path / "source")
+    source = {adapt_ar: ["--ar", folder], distill: ["--teacher", folder]}.get(command, [])
+    with pytest.raises(SystemExit) as e:
+        command.parse_args(["--out", str(tmp_path / "out"), *source, *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_warmup_may_be_skipped():
+    assert train_teacher.parse_args(["--out", "x", "--warmup", "0"]).warmup == 0
+
+
+def test_copy_tokenizer_refuses_a_folder_without_one(tmp_path):
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=re.escape(f"{missing} holds no tokenizer.json")):
+        tokenizer_math.copy_tokenizer(missing, str(tmp_path / "dst"))
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("command, flag, args", [
+    (adapt_ar, "--ar", []),
+    (train_ar, "--tokenizer", []),
+    (train_teacher, "--tokenizer", []),
+    (distill, "--teacher", ["--full-finetune"]),  # the checkpoint takes the teacher's tokenizer
+])
+def test_commands_name_a_source_folder_without_a_tokenizer(command, flag, args, tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    with pytest.raises(SystemExit) as e:
+        command.parse_args(["--out", str(tmp_path / "out"), flag, missing, *args])
+    assert e.value.code == 2 and f"{flag}: {missing} holds no tokenizer.json" in capsys.readouterr().err

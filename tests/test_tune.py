@@ -52,6 +52,7 @@ def test_tune_writes_its_pick_and_evaluate_reads_it(tmp_path):
     assert out["base"]["block_size"] == before["block_size"]
     assert out["base"]["max_new_tokens"] == before["max_new_tokens"]
     saved = json.loads(config.read_text())
+    saved.pop("transformers_version")  # GenerationConfig.save_pretrained records it
     assert saved == {**before, "skip_threshold": out["pick"]["skip_threshold"], "block_add_threshold": 0.1}
     assert json.loads((tmp_path / "tune" / "tune.json").read_text())["pick"] == out["pick"]
     # evaluate's student settings: the saved thresholds, overridden by the flags given.
@@ -99,6 +100,9 @@ def test_bad_arguments_name_themselves(args, message, capsys):
     (["--skip-threshold", "2"], r"--skip-threshold: a threshold must be in \[0, 1\], got '2'"),
     (["--decoded-token-threshold", "x"], "--decoded-token-threshold: not a number"),
     (["--threads", "-1"], "--threads must be >= 1"),
+    (["--vanilla-steps", "0"], "--vanilla-steps must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--block-size", "-1"], "--block-size must be >= 1, got -1"),
 ])
 def test_evaluate_bad_arguments_name_themselves(args, message, capsys):
     with pytest.raises(SystemExit):

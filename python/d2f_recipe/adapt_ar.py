@@ -86,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     tc.add_run_args(p, steps=6000, lr=2e-4, warmup=50, save_every=200)
     p.set_defaults(semi_ar_share=0.75, ar_share=0.5, batch=32)
     a = p.parse_args(argv)
-    if a.anneal < 0 or a.steps < 1:
-        p.error("--anneal must be >= 0 and --steps >= 1")
+    tc.check_counts(p, a, anneal=0, **tc.RUN_COUNTS, **train_teacher.DIFFUSION_COUNTS)
+    tc.check_tokenizer_source(p, a, "ar")
     return a
 
 

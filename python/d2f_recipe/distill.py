@@ -142,7 +142,7 @@ def merge(teacher: str, adapter: str, folder: str) -> None:
     tc.save_checkpoint(load_adapter(load_model(teacher), adapter), folder, teacher)
 
 
-def load_pairs(a, tok):
+def load_pairs(a, tok, eos: int):
     """(prompt, response) ids: the math task's training problems, or a JSONL file of
     {"prompt", "response"} records for real checkpoints."""
     if a.data:
@@ -150,13 +150,10 @@ def load_pairs(a, tok):
             rows = [json.loads(line) for line in f if line.strip()]
         prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     else:
-        problems = task_math.problems("train", a.train_size, a.seed, a.level)
-        prompts = [task_math.format_prompt(p.question) for p in problems]
-        responses = [p.solution for p in problems]
+        prompts, responses = tc.task_examples(a)
     if a.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
-    eos = tok.eos_token_id if tok.eos_token_id is not None else a.eos_id
     return tc.encode_pairs(tok, prompts, responses, eos, a.gen_len)
 
 
@@ -187,7 +184,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int)
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    tc.check_counts(p, a, **tc.RUN_COUNTS, lora_r=1, block_size=1, gen_len=1, eos_id=0)
+    if a.merge_to and a.full_finetune:
+        p.error("--merge-to needs a LoRA run: with --full-finetune --out is the checkpoint")
+    if a.full_finetune or a.merge_to:  # the checkpoint written takes the teacher's tokenizer
+        tc.check_tokenizer_source(p, a, "teacher")
+    return a
 
 
 def main(argv=None) -> list[float]:
@@ -207,8 +210,11 @@ def main(argv=None) -> list[float]:
             torch.cuda.set_device(device)
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(a.teacher)
-    pairs = load_pairs(a, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = tok.eos_token_id if tok.eos_token_id is not None else a.eos_id
+    if eos is None:
+        raise ValueError(f"--eos-id: {a.teacher}'s tokenizer has no EOS token, give its id")
+    pairs = load_pairs(a, tok, eos)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     base = load_model(a.teacher, dtype=getattr(torch, a.dtype), device=device)
     d = Distiller(base, a.full_finetune, a.lora_r, a.lora_alpha, a.lora_dropout, a.teacher)
     if distributed:
@@ -223,7 +229,7 @@ def main(argv=None) -> list[float]:
 
     def save():
         d.save(a.out, a.teacher)
-        if a.merge_to and d.peft is not None:
+        if a.merge_to:
             merge(a.teacher, a.out, a.merge_to)
         # The student decodes blocks of the size it was distilled on, over the trained canvas.
         checkpoint = a.out if d.peft is None else a.merge_to  # an adapter folder takes none

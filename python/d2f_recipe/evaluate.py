@@ -28,6 +28,7 @@ import torch
 
 from d2f_bench.common import environment, torch_threads, write_json, write_markdown
 from d2f_ext import D2FConfig
+from d2f_ext.auto import load_generation_config
 from d2f_ext.decoding import decode
 from d2f_ext.models import load_adapter, load_model
 from d2f_recipe import task_math
@@ -72,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results/e2e")
     p.add_argument("--smoke", action="store_true", help="train tiny models in a temp folder, 3 problems, check outputs")
     a = p.parse_args(argv)
-    check_counts(p, a, problems=1, threads=1)
+    tc.check_counts(p, a, problems=1, threads=1, max_new_tokens=1, block_size=1, vanilla_steps=1)
     return a
 
 
@@ -95,18 +96,12 @@ def thresholds(text: str) -> tuple[float, ...]:
     return out
 
 
-def check_counts(p: argparse.ArgumentParser, a: argparse.Namespace, **minimum: int) -> None:
-    """Exit with argparse's usage error when an integer argument given is below its minimum."""
-    for name, low in minimum.items():
-        if getattr(a, name) is not None and getattr(a, name) < low:
-            p.error(f"--{name} must be >= {low}, got {getattr(a, name)}")
-
-
 def d2f_config(a, folder: str) -> D2FConfig:
     """A model's decoding settings: the flags given, then the thresholds in ``folder``'s
     generation_config.json (as model.generate would take them), then D2FConfig's defaults. The
     block size and canvas are the flags' for every method alike."""
-    saved = {k: v for k, v in tc.read_generation_config(folder).items() if k in THRESHOLDS}
+    gc = load_generation_config(folder)
+    saved = {k: getattr(gc, k, None) for k in THRESHOLDS}  # None where not saved: the defaults apply
     return D2FConfig.from_generation_config(saved, block_size=a.block_size, max_new_tokens=a.max_new_tokens,
                                             **{k: getattr(a, k) for k in THRESHOLDS})
 
@@ -148,7 +143,7 @@ def load_methods(a):
     # The teacher's own settings (D2FConfig's defaults unless its folder has some), not the
     # student's: those were tuned for the student.
     fast = D2FConfig.fast_dllm(**dataclasses.asdict(d2f_config(a, a.teacher)))
-    steps = a.vanilla_steps or a.max_new_tokens
+    steps = a.max_new_tokens if a.vanilla_steps is None else a.vanilla_steps
     methods = {
         "ar": Method(_ar(ar, ar_tok.eos_token_id, ar_tok.pad_token_id, a.max_new_tokens, a.device), ar_tok),
         "teacher-vanilla": vanilla_method(teacher, t_tok, a.max_new_tokens, a.block_size, steps),

@@ -13,7 +13,7 @@ import hashlib
 import operator
 import random
 import re
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional
 
 NAMES = ["Tom", "Mia", "Sam", "Lena", "Omar", "Ava", "Ben", "Zoe", "Ravi", "Nina", "Leo", "Emma",
          "Jack", "Sara", "Ali", "Kim", "Max", "Ivy", "Noah", "Lucy"]
@@ -220,13 +220,3 @@ def steps_right(text: str) -> tuple[int, int]:
     correctly. Finer than the final answer, which needs every step and every copied number right."""
     steps = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP_RE.findall(text)]
     return sum(not (op == "/" and b == 0) and OPS[op](a, b) == c for a, op, b, c in steps), len(steps)
-
-
-def accuracy(outputs: Sequence[str], targets: Iterable[Problem]) -> float:
-    """Fraction of outputs whose extracted answer equals the problem's answer."""
-    targets = list(targets)
-    if len(outputs) != len(targets):
-        raise ValueError(f"{len(outputs)} outputs for {len(targets)} problems")
-    if not targets:
-        return 0.0
-    return sum(answer_of(o) == t.answer for o, t in zip(outputs, targets)) / len(targets)

@@ -21,13 +21,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 EOS, MASK, UNK, PAD = "<|endoftext|>", "<|mask|>", "<unk>", "<|pad|>"
 
 
-def build_tokenizer(folder: str, texts: Iterable[str], vocab_size: int = 512,
-                    max_len: int = 512) -> dict[str, int]:
-    """Train on ``texts``, save tokenizer.json and tokenizer_config.json in ``folder`` and
-    return the special ids {"eos", "mask", "pad"} for config.json."""
+def build_tokenizer(folder: str, texts: Iterable[str], vocab_size: int = 512, max_len: int = 512) -> None:
+    """Train on ``texts`` and save tokenizer.json and tokenizer_config.json in ``folder``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
 
     specials = SPECIAL_TOKENS + [PAD]
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -46,7 +43,6 @@ def build_tokenizer(folder: str, texts: Iterable[str], vocab_size: int = 512,
     fast.chat_template = task_math.CHAT_TEMPLATE
     os.makedirs(folder, exist_ok=True)
     fast.save_pretrained(folder)
-    return {"eos": tok.token_to_id(EOS), "mask": tok.token_to_id(MASK), "pad": tok.token_to_id(PAD)}
 
 
 def task_texts(n: int, seed: int = 0, level: str = "gsm") -> list[str]:
@@ -71,7 +67,15 @@ def load_or_build(folder: str, source: str | None = None, seed: int = 0, vocab_s
     return AutoTokenizer.from_pretrained(folder)
 
 
+def check_tokenizer(folder: str) -> None:
+    """Raise ValueError unless ``folder`` holds a tokenizer.json to copy: without one a copy would
+    leave the model a partial tokenizer or none."""
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise ValueError(f"{folder} holds no tokenizer.json")
+
+
 def copy_tokenizer(src: str, dst: str) -> None:
+    check_tokenizer(src)
     if os.path.abspath(src) == os.path.abspath(dst):
         return
     os.makedirs(dst, exist_ok=True)

@@ -40,7 +40,9 @@ def ar_loss(model, batch: tc.Batch) -> torch.Tensor:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     tc.add_pretraining_args(p, steps=3000)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    tc.check_pretraining_args(p, a)
+    return a
 
 
 def main(argv=None) -> list[float]:

@@ -95,11 +95,16 @@ def build_model(tokenizer, hidden: int, layers: int, heads: int, intermediate: i
     return model
 
 
+DIFFUSION_COUNTS = {"gen_len": 1, "block_size": 1}  # the minimums of add_diffusion_args's counts
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     tc.add_pretraining_args(p, steps=6000)
     add_diffusion_args(p)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    tc.check_pretraining_args(p, a, **DIFFUSION_COUNTS)
+    return a
 
 
 def add_diffusion_args(p) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -127,15 +128,6 @@ def save_checkpoint(model, folder: str, tokenizer_src: Optional[str]) -> None:
         copy_tokenizer(tokenizer_src, folder)
 
 
-def read_generation_config(folder: str) -> dict:
-    """``folder``'s generation_config.json as a dict ({} without one)."""
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def write_generation_config(folder: str, **settings) -> None:
     """generation_config.json: the decoding settings AutoD2FModel's generate uses by default."""
     with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
@@ -207,6 +199,31 @@ def run(params: dict[str, torch.nn.Parameter], step_loss: Callable[[int], tuple[
     return losses
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_counts(p: argparse.ArgumentParser, a: argparse.Namespace, **minimum: int) -> None:
+    """Exit with argparse's usage error when an integer argument given is below its minimum."""
+    for name, low in minimum.items():
+        if getattr(a, name) is not None and getattr(a, name) < low:
+            p.error(f"{_flag(name)} must be >= {low}, got {getattr(a, name)}")
+
+
+def check_tokenizer_source(p: argparse.ArgumentParser, a: argparse.Namespace, name: str) -> None:
+    """Exit with argparse's usage error when the folder argument ``name``, given, holds no
+    tokenizer to copy: before any work rather than when the copy is made."""
+    if getattr(a, name):
+        try:
+            tokenizer_math.check_tokenizer(getattr(a, name))
+        except ValueError as e:
+            p.error(f"{_flag(name)}: {e}")
+
+
+# The minimums of add_run_args's counts: a run without warm-up starts at the peak rate.
+RUN_COUNTS = {"train_size": 1, "steps": 1, "batch": 1, "warmup": 0, "save_every": 1, "threads": 1}
+
+
 def add_run_args(p, steps: int, lr: float, warmup: int, save_every: int = 500) -> None:
     """The data and optimisation arguments of every trainer but distill."""
     p.add_argument("--train-size", type=int, default=100000, help="distinct training problems")
@@ -236,6 +253,13 @@ def add_pretraining_args(p, steps: int) -> None:
     add_run_args(p, steps, lr=1e-3, warmup=200)
 
 
+def check_pretraining_args(p, a, **minimum: int) -> None:
+    """Exit with argparse's usage error on a bad argument of add_pretraining_args, or on one of
+    the trainer's own integer arguments below its ``minimum``."""
+    check_counts(p, a, **RUN_COUNTS, hidden=1, layers=1, heads=1, intermediate=1, max_len=1, **minimum)
+    check_tokenizer_source(p, a, "tokenizer")
+
+
 def start_pretraining(a, build_model):
     """Threads, seed, output folder, tokenizer, the model (in train mode) and the training
     problems, as the from-scratch trainers set them up: returns (tokenizer, model)."""
@@ -249,9 +273,13 @@ def start_pretraining(a, build_model):
     return tok, model
 
 
-def task_pairs(tok, a, gen_len: Optional[int]) -> list[tuple[list[int], list[int]]]:
-    """The encoded (prompt, response) pairs of the task's ``a.train_size`` training problems."""
+def task_examples(a) -> tuple[list[str], list[str]]:
+    """(prompts, responses) of the task's ``a.train_size`` training problems."""
     problems = task_math.problems("train", a.train_size, a.seed, a.level)
-    return encode_pairs(tok, [task_math.format_prompt(q.question) for q in problems],
-                        [q.solution for q in problems], tok.eos_token_id, gen_len)
+    return [task_math.format_prompt(q.question) for q in problems], [q.solution for q in problems]
+
+
+def task_pairs(tok, a, gen_len: Optional[int]) -> list[tuple[list[int], list[int]]]:
+    """The encoded (prompt, response) pairs of :func:`task_examples`."""
+    return encode_pairs(tok, *task_examples(a), tok.eos_token_id, gen_len)
 

@@ -18,6 +18,7 @@ import os
 
 from d2f_bench.common import environment, torch_threads, write_json, write_markdown
 from d2f_ext import D2FConfig
+from d2f_ext.auto import load_generation_config
 from d2f_ext.models import load_model
 from d2f_recipe import evaluate, task_math
 from d2f_recipe import training as tc
@@ -41,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/tune")
     a = p.parse_args(argv)
-    evaluate.check_counts(p, a, problems=1, after=0, threads=1)
+    tc.check_counts(p, a, problems=1, after=0, threads=1)
     if a.tolerance < 0:
         p.error(f"--tolerance must be >= 0, got {a.tolerance}")
     return a
@@ -74,8 +75,8 @@ def main(argv=None) -> dict:
 def _run(a) -> dict:
     from transformers import AutoTokenizer
 
-    gc = tc.read_generation_config(a.student)
-    if not {"block_size", "max_new_tokens"} <= set(gc):
+    gc = load_generation_config(a.student)
+    if getattr(gc, "block_size", None) is None or getattr(gc, "max_new_tokens", None) is None:
         raise ValueError(f"--student: {a.student}/generation_config.json must give block_size and "
                          "max_new_tokens, the student's training blocks and canvas (distill writes them)")
     base = D2FConfig.from_generation_config(gc)
@@ -107,8 +108,9 @@ def _run(a) -> dict:
     write_markdown(os.path.join(a.out, "tune.md"), ["skip_threshold", "block_add_threshold", "accuracy",
                                                     "tokens / forward", "tokens / s"], cells)
     if a.write:
-        tc.write_generation_config(a.student, **{**gc, "skip_threshold": chosen["skip_threshold"],
-                                                 "block_add_threshold": chosen["block_add_threshold"]})
+        # Set, not update(): GenerationConfig.update skips keys it does not already hold.
+        gc.skip_threshold, gc.block_add_threshold = chosen["skip_threshold"], chosen["block_add_threshold"]
+        gc.save_pretrained(a.student)
         print(f"wrote skip_threshold={chosen['skip_threshold']} block_add_threshold="
               f"{chosen['block_add_threshold']} to {a.student}/generation_config.json")
     return payload
