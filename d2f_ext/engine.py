@@ -162,6 +162,8 @@ class Engine:
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the model has none)")
         eos = mc.eos_token_id if eos_id is None else int(eos_id)
+        if eos is not None and not 0 <= eos < mc.vocab_size:
+            raise ValueError(f"eos_id must be a token id in [0, {mc.vocab_size}), got {eos}")
         request = Request(prompt, cfg, eos, stop)
         self.waiting.append(request)
         return request
@@ -211,7 +213,7 @@ class Engine:
                 local, n = {r.slot: i for i, r in enumerate(live)}, len(live)
                 unmask_groups, pipeline_groups = self._groups(live)
                 self._forward(slots, W, None, _localise(unmask_groups, local, n, self.device),
-                              _localise(pipeline_groups, local, n, self.device), self._sampled(live))
+                              _localise(pipeline_groups, local, n, self.device), _samples(live))
                 for r in live:
                     r.steps += 1
         return self._collect(active)
@@ -221,11 +223,18 @@ class Engine:
                ) -> tuple[DecodeOutput, list[Request]]:
         """Decode every prompt to its end (more prompts than rows take turns); on_step gets each
         step's outputs, for streaming."""
-        requests = [self.add_request(p, cfg, eos_id=eos_id, stop=stop) for p in prompts]
-        while not all(r.finished for r in requests):
-            outputs = self.step()
-            if on_step is not None:
-                on_step(outputs)
+        requests = []
+        try:
+            for p in prompts:
+                requests.append(self.add_request(p, cfg, eos_id=eos_id, stop=stop))
+            while not all(r.finished for r in requests):
+                outputs = self.step()
+                if on_step is not None:
+                    on_step(outputs)
+        except BaseException:  # a failed or interrupted call leaves no request behind to decode
+            for r in requests:
+                self.abort(r)
+            raise
         mask = self.model.config.mask_token_id
         generated = torch.full((len(requests), cfg.gen_len), mask, dtype=torch.long)
         for i, r in enumerate(requests):
@@ -257,8 +266,11 @@ class Engine:
         return admitted
 
     def _free(self, r: Request) -> None:
+        # A static step still runs a freed row (its window empty): with nothing to commit either,
+        # it writes no cache and reads no carried logit.
         self.rows[r.slot, L.FINISHED] = 1
         self.rows[r.slot, L.WIN_LEN] = 0
+        self.rows[r.slot, L.COMMIT_LEN] = 0
         self.slots[r.slot] = None
         r.slot = -1
 
@@ -288,15 +300,14 @@ class Engine:
             return min(-(-(n + grow) // bs) * bs if interval > 1 else n, self.max_len)
 
         W = width(int(plan[:, 1].max()))
-        sampled = self._sampled(live, at_slots=True)
-        reads = W if sampled is not None else min(max(width(int((plan[:, 1] - plan[:, 2]).max())), 1), W)
+        sampled = _samples(live)
+        reads = W if sampled else min(max(width(int((plan[:, 1] - plan[:, 2]).max())), 1), W)
         slots, B = {r.slot: r.slot for r in live}, len(self.slots)
         unmask_groups, pipeline_groups = self._groups(live)
         ug = _localise(unmask_groups, slots, B, self.device)
         pg = _localise(pipeline_groups, slots, B, self.device)
-        greedy = sampled is None
         for _ in range(interval):
-            if self.cuda_graphs and greedy:
+            if self.cuda_graphs and not sampled:
                 self._graphed(W, reads, ug, pg)
             else:
                 self._forward(None, W, reads, ug, pg, sampled)
@@ -312,7 +323,7 @@ class Engine:
 
         key = (W, reads, shape(ug), tuple(None if i is None else tuple(i.tolist()) for i, _ in pg),
                tuple(_pipeline_settings(g[0]) for _, g in pg))
-        graph = self.graphs.get(key)
+        graph = self.graphs.get(key, (None,))[0]
         if graph is None and key not in self._warm:
             self._forward(None, W, reads, ug, pg)
             self._warm.add(key)
@@ -322,27 +333,18 @@ class Engine:
             with torch.cuda.graph(graph, pool=self._pool):
                 self._forward(None, W, reads, ug, pg)  # recorded, not run
             self._pool = graph.pool()
-            self.graphs[key] = graph
+            # The graph reads the group indices at their captured addresses: they live with it.
+            self.graphs[key] = (graph, ug, pg)
             self.graph_captures += 1
         graph.replay()
 
-    def _sampled(self, requests: list[Request], at_slots: bool = False) -> Optional[torch.Tensor]:
-        """bool [rows of the step's batch]: the sampled rows (None when none samples)."""
-        if all(r.cfg.temperature == 0 for r in requests):
-            return None
-        flags = [False] * len(self.slots) if at_slots else [r.cfg.temperature > 0 for r in requests]
-        if at_slots:
-            for r in requests:
-                flags[r.slot] = r.cfg.temperature > 0
-        return torch.tensor(flags, device=self.device)
-
     def _forward(self, live: Optional[torch.Tensor], W: int, reads: Optional[int], unmask_groups,
-                 pipeline_groups, sampled: Optional[torch.Tensor] = None) -> None:
+                 pipeline_groups, sampled: bool = False) -> None:
         """One forward over windows of width W (>= every planned WIN_LEN) of the rows ``live``
         (compact) or of every row (static), the output head on ``reads`` (>= any row's masked
         positions; None: counted here, a host sync) positions of each row, unmask, and the
         state update. Groups: (row indices within the step's batch, requests). ``sampled``:
-        bool per row, None when no row samples."""
+        whether any row samples."""
         mc, S = self.model.config, self.max_len
         rows = self.rows if live is None else self.rows[live]
         blocks = self.blocks if live is None else self.blocks[live]
@@ -364,7 +366,7 @@ class Engine:
         # only. A sampled row's noise is keyed by window position, so a batch with one reads
         # whole windows, gathered after the forward (which then skips the padding).
         ar = torch.arange(W, device=self.device)
-        if sampled is not None:
+        if sampled:
             reads = W
             read = ar.expand(rows.shape[0], W)
             inside = block_ids >= 0
@@ -381,8 +383,8 @@ class Engine:
             src = torch.cat([src, (commit.long() - 1).clamp(min=0)[:, None]], 1)
         hidden = self.model.window_hidden(tokens, pos.long(), block_ids, self.cache, win_start, commit,
                                           cache_rows=None if live is None else live.to(torch.int32),
-                                          packed=packed, outputs=src if sampled is None else None)
-        if sampled is not None:
+                                          packed=packed, outputs=None if sampled else src)
+        if sampled:
             hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.model.head(hidden)
         if shift:
@@ -504,6 +506,10 @@ def _localise(groups: list[list[Request]], index: dict[int, int], batch: int, de
         idx = None if len(g) == batch else torch.tensor([index[r.slot] for r in g], device=device)
         out.append((idx, g))
     return out
+
+
+def _samples(requests: list[Request]) -> bool:
+    return any(r.cfg.temperature > 0 for r in requests)
 
 
 def _unmask_settings(r: Request) -> tuple:

@@ -147,6 +147,48 @@ def test_abort_frees_the_row_and_costs_no_more_compute(model, monkeypatch):
     assert engine.step() == [] and batches == [2, 1]
 
 
+
+@pytest.mark.parametrize("end", ["abort", "stop"])
+def test_a_static_row_freed_early_leaves_the_others_exact(model, end):
+    """A row freed before its blocks are done (an abort, a stop string) stays in a static batch:
+    its window is empty and it must commit nothing, while the row beside it decodes as alone."""
+    import types
+
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=40, block_size=4, static=True, sync_every=1))
+    # Any text holds the stop string " ": the request ends at its first decoded token.
+    engine.tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ")
+    eos = model.config.eos_token_id
+    # b's window (2 wide) is narrower than a's committed span was: a stale span overruns it.
+    slow = D2FConfig(block_size=4, skip_threshold=0.99, max_new_tokens=2)
+    b = engine.add_request([5, 6, 7], slow, eos_id=eos)
+    a = engine.add_request([8, 9, 10, 11, 12], D2FConfig(block_size=4, skip_threshold=0.0, max_new_tokens=16),
+                           eos_id=eos, stop=[" "] if end == "stop" else ())
+    engine.step()
+    if end == "abort":
+        engine.abort(a)
+    assert a.finished and a.finish_reason == ("abort" if end == "abort" else "stop")
+    while engine.has_work():
+        engine.step()
+    alone = reference_decode(model, [b.prompt], slow, eos_id=eos)
+    assert b.generated == alone.generated[0].tolist() and b.forwards == int(alone.forwards[0])
+
+
+def test_a_failed_or_interrupted_decode_leaves_the_engine_clean(model):
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=40, block_size=4))
+    cfg = D2FConfig(block_size=4, skip_threshold=0.99, max_new_tokens=16)
+    with pytest.raises(ValueError, match="eos_id must be a token id"):
+        engine.decode([[5, 6, 7]], cfg, eos_id=model.config.vocab_size)
+
+    def interrupt(outputs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.decode([[5, 6, 7], [8, 9]], cfg, on_step=interrupt)
+    assert not engine.has_work()
+    _, (r,) = engine.decode([[5, 6, 7]], cfg, eos_id=model.config.eos_token_id)
+    alone = reference_decode(model, [r.prompt], cfg, eos_id=model.config.eos_token_id)
+    assert r.generated == alone.generated[0].tolist()
+
 def test_stream_of_outputs_is_the_final_text_in_order(model):
     rng = random.Random(9)
     engine = Engine(model, EngineConfig(max_batch=2, max_len=48, block_size=4))
