@@ -54,6 +54,10 @@ class D2FConfig:
             raise ValueError(f"top_k must be a non-negative integer or None, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        # No None: from_generation_config resolves an unset seed, and the decoders add the step
+        # count to it.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     @property
     def gen_len(self) -> int:

@@ -162,8 +162,8 @@ class Engine:
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the model has none)")
         eos = mc.eos_token_id if eos_id is None else int(eos_id)
-        if eos is not None and not 0 <= eos < mc.vocab_size:
-            raise ValueError(f"eos_id must be a token id in [0, {mc.vocab_size}), got {eos}")
+        if eos is not None and eos >= mc.vocab_size:
+            raise ValueError(f"eos_id must be below the vocabulary size {mc.vocab_size} (negative: none), got {eos}")
         request = Request(prompt, cfg, eos, stop)
         self.waiting.append(request)
         return request

@@ -26,6 +26,7 @@ _D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
 _ENGINE_DECODERS = ("d2f", "fast-dllm")
 # The settings only the threshold decoders (d2f, fast-dllm, reference) read; vanilla is greedy.
 THRESHOLD_SETTINGS = ("block_add_threshold", "decoded_token_threshold", "skip_threshold", "sampling_strategy")
+_SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "seed")
 
 
 @dataclasses.dataclass
@@ -47,7 +48,10 @@ def merged_generation_config(model, generation_config=None):
     if base is None:
         return given
     merged = copy.deepcopy(base)
-    merged.update(**given)
+    # GenerationConfig.update sets only the attributes the base already has, so the D2F fields a
+    # checkpoint's generation_config.json leaves out would be dropped.
+    for k, v in given.items():
+        setattr(merged, k, v)
     return merged
 
 
@@ -79,10 +83,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if steps is not None and decoder != "vanilla":
         raise ValueError(f"steps is vanilla decoding's setting; decoder={decoder!r} decodes by thresholds")
     if decoder == "vanilla":
-        unused = sorted(k for k in THRESHOLD_SETTINGS if kwargs.get(k) is not None)
+        unused = sorted(k for k in THRESHOLD_SETTINGS + _SAMPLING_SETTINGS if kwargs.get(k) is not None)
         unused += ["do_sample"] if kwargs.get("do_sample") else []
         if unused:
             raise ValueError(f"decoder='vanilla' (greedy, steps per block) takes no {unused}")
+    if decoder == "fast-dllm" and kwargs.get("block_add_threshold") not in (None, 1.0):
+        raise ValueError(f"decoder='fast-dllm' decodes one block at a time (block_add_threshold=1), "
+                         f"got block_add_threshold={kwargs['block_add_threshold']!r}")
     gc = merged_generation_config(model, generation_config)
     get = (gc.get if isinstance(gc, dict) else (lambda k, d=None: getattr(gc, k, d))) if gc is not None \
         else (lambda k, d=None: d)
@@ -118,8 +125,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         engine.tokenizer = tokenizer
         on_step = None
         if streamer is not None:
+            # Requests already in the shared engine (another caller's, or one an interrupted call
+            # left) decode beside this call's: their tokens are not this stream's.
+            others = {r for r in (*engine.slots, *engine.waiting) if r is not None}
+
             def on_step(outputs):
                 for o in outputs:
+                    if o.request in others:
+                        continue
                     tail = [eos] if o.finished and o.request.hit_eos else []
                     if o.new_tokens or tail:
                         streamer.put(torch.tensor(o.new_tokens + tail))

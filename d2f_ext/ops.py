@@ -146,9 +146,12 @@ def unmask(logits: torch.Tensor, tokens: torch.Tensor, block_ids: torch.Tensor,
     """
     if sampling_strategy not in L.CONFIDENCES:
         raise ValueError(f"sampling_strategy must be one of {sorted(L.CONFIDENCES)}, got {sampling_strategy!r}")
+    # Checked before the filter branch: a top_p above 1, NaN or a negative top_k would skip it.
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative integer or None, got {top_k!r}")
     if (top_k is not None and top_k > 0) or top_p < 1.0:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         scale = temperature if temperature > 0 else 1.0
         logits = _filter_top_k_top_p(logits.float() / scale, top_k, top_p)
         if prev_logits is not None:

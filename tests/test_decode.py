@@ -128,6 +128,7 @@ def test_bad_prompts(model, bad, match):
     (dict(sampling_strategy="nope"), "sampling_strategy"), (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(seed=1.5), "seed"), (dict(seed=-1), "seed"), (dict(seed=None), "seed"),
 ])
 def test_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):

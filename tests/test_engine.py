@@ -176,7 +176,7 @@ def test_a_static_row_freed_early_leaves_the_others_exact(model, end):
 def test_a_failed_or_interrupted_decode_leaves_the_engine_clean(model):
     engine = Engine(model, EngineConfig(max_batch=2, max_len=40, block_size=4))
     cfg = D2FConfig(block_size=4, skip_threshold=0.99, max_new_tokens=16)
-    with pytest.raises(ValueError, match="eos_id must be a token id"):
+    with pytest.raises(ValueError, match="eos_id must be below the vocabulary size"):
         engine.decode([[5, 6, 7]], cfg, eos_id=model.config.vocab_size)
 
     def interrupt(outputs):

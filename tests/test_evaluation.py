@@ -278,6 +278,20 @@ def test_task_length_is_honoured_unless_max_new_tokens_is_given(monkeypatch):
     assert lengths(D2FLM(pretrained=SHIPPED, max_new_tokens=16)) == [16] * 4
 
 
+
+@pytest.mark.parametrize("decoder", ["d2f", "fast-dllm", "vanilla"])
+def test_each_decoder_runs_and_leaves_the_model_usable(decoder):
+    from lm_eval.api.instance import Instance
+
+    lm = D2FLM(pretrained=SHIPPED, decoder=decoder)
+    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": generate_cli.DEFAULT_PROMPT}],
+                                              tokenize=False, add_generation_prompt=True)
+    (text,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": []}), 0)], disable_tqdm=True)
+    assert text.startswith("Mia starts with 12 apples.")  # the trained solution format
+    # The model's engine, built inside the run, serves a plain generate afterwards.
+    ids = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert lm.model.generate(ids).shape[1] > ids.shape[1]
+
 # --- HumanEval's code filter -------------------------------------------------------------------
 
 PROMPT = 'from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    """Sum."""\n'

@@ -109,7 +109,7 @@ def test_chat_template_prompt(model):
 @pytest.mark.parametrize("decoder", ["fast-dllm", "vanilla", "reference"])
 def test_other_decoders(model, decoder):
     enc = _encode(model, ["the bird"])
-    kw = dict(block_size=4) if decoder == "vanilla" else KW
+    kw = {"vanilla": dict(block_size=4), "fast-dllm": {**KW, "block_add_threshold": 1.0}}.get(decoder, KW)
     out = model.generate(**enc, max_new_tokens=8, decoder=decoder, return_dict_in_generate=True, **kw)
     assert out.sequences.shape[1] >= enc["input_ids"].shape[1]
     if decoder == "reference":
@@ -248,6 +248,25 @@ def test_generate_refuses_settings_the_decoder_does_not_read(model):
     out = model.generate(**enc, max_new_tokens=8, decoder="vanilla", block_size=4, steps=4, do_sample=False)
     assert out.shape[1] == enc["input_ids"].shape[1] + 8
 
+
+def test_vanilla_refuses_sampling_settings(model):
+    enc = _encode(model, ["the bird"])
+    for name, value in (("temperature", 0.7), ("top_k", 5), ("top_p", 0.9), ("seed", 3)):
+        with pytest.raises(ValueError, match=f"takes no \\['{name}'\\]"):
+            model.generate(**enc, max_new_tokens=8, decoder="vanilla", block_size=4, **{name: value})
+
+
+def test_fast_dllm_refuses_another_block_add_threshold(model):
+    enc = _encode(model, ["the bird"])
+    one_block = {**KW, "block_add_threshold": 1.0}
+    with pytest.raises(ValueError, match="block_add_threshold=0.1"):
+        model.generate(**enc, max_new_tokens=8, decoder="fast-dllm", **{**KW, "block_add_threshold": 0.1})
+    fast = model.generate(**enc, max_new_tokens=8, decoder="fast-dllm", **one_block)
+    assert torch.equal(fast, model.generate(**enc, max_new_tokens=8, **one_block))
+    # Without do_sample the sampling settings stay ignored, as in transformers.
+    assert torch.equal(model.generate(**enc, max_new_tokens=8, decoder="fast-dllm", temperature=5.0, **one_block),
+                       fast)
+
 # --- generate on the model's engine ----------------------------------------------------------
 
 def test_second_generate_of_the_same_shapes_builds_nothing(model, monkeypatch):
@@ -291,6 +310,19 @@ def test_passed_generation_config_keeps_the_checkpoint_fields_it_does_not_set(mo
     assert torch.equal(merged, explicit)
 
 
+def test_passed_generation_config_sets_fields_the_checkpoint_lacks(model, monkeypatch):
+    enc = _encode(model, ["the dog and the cat"])
+    # Like the shipped model's generation_config.json: no decoded_token_threshold.
+    saved = GenerationConfig(block_size=4, block_add_threshold=0.25, skip_threshold=0.99, max_new_tokens=16)
+    monkeypatch.setattr(model, "generation_config", saved)
+    passed = model.generate(**enc, generation_config=GenerationConfig(decoded_token_threshold=0.5),
+                            return_dict_in_generate=True)
+    explicit = model.generate(**enc, decoded_token_threshold=0.5, return_dict_in_generate=True)
+    default = model.generate(**enc, return_dict_in_generate=True)  # D2FConfig's 0.95
+    assert torch.equal(passed.sequences, explicit.sequences) and torch.equal(passed.forwards, explicit.forwards)
+    assert not torch.equal(passed.forwards, default.forwards)
+
+
 def test_input_ids_must_be_integers(model):
     with pytest.raises(TypeError, match="input_ids"):
         model.generate(torch.ones(1, 3), max_new_tokens=4, **KW)
@@ -306,3 +338,51 @@ def test_tokens_per_forward_does_not_count_the_eos(model):
     row, n = out.sequences[0, width:].tolist(), int(out.new_tokens[0])
     assert n >= 2 and row[n] == free[k] and free[k] not in row[:n]
     assert float(out.tokens_per_forward[0]) == pytest.approx(n / int(out.forwards[0]))
+
+
+def test_generate_after_d2f_decode_shares_its_engine(tiny_checkpoint):
+    from d2f_ext import D2FConfig
+    from d2f_ext.decoding import d2f_decode
+
+    fresh = AutoD2FModel.from_pretrained(tiny_checkpoint("llada", seed=5))
+    dec = d2f_decode(fresh, [[5, 6, 7, 8]], D2FConfig(max_new_tokens=8, **KW))
+    engine = fresh.d2f_engine
+    out = fresh.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, return_dict_in_generate=True, **KW)
+    assert fresh.d2f_engine is engine
+    n = int(out.new_tokens[0])
+    assert out.sequences[0, 4:4 + n].tolist() == dec.tokens_before_eos(fresh.config.eos_token_id)[0]
+
+
+class _Interrupting:
+    """A streamer whose user presses Ctrl-C at the first generated tokens."""
+
+    def put(self, value):
+        if getattr(self, "prompt_seen", False):
+            raise KeyboardInterrupt
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def test_streamer_prints_only_its_own_calls_tokens(model):
+    from d2f_ext import D2FConfig
+
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(**_encode(model, ["one two three four five six"]), max_new_tokens=32, streamer=_Interrupting(),
+                       **KW)
+    engine = model.d2f_engine
+    # A request another caller of the shared engine left decoding (the engine API's, or one that
+    # an interrupted call left behind) decodes beside the next call's.
+    other = engine.add_request([5, 6, 7, 8, 9, 10], D2FConfig(max_new_tokens=32, **KW))
+    enc = _encode(model, ["the moon"])
+    buf = io.StringIO()
+    try:
+        with redirect_stdout(buf):
+            out = model.generate(**enc, max_new_tokens=16, **KW,
+                                 streamer=TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True))
+    finally:
+        engine.abort(other)
+    assert model.d2f_engine is engine and other.output  # it decoded during the call
+    text = model.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert buf.getvalue().strip() == text.strip() and text.strip()

@@ -167,6 +167,15 @@ def test_top_k_top_p(device, top_k, top_p):
     assert torch.equal(out.cpu()[decoded], logits.cpu().argmax(-1)[decoded])
 
 
+@pytest.mark.parametrize("kwargs, name", [(dict(top_p=1.5), "top_p"), (dict(top_p=float("nan")), "top_p"),
+                                          (dict(top_p=0.0), "top_p"), (dict(top_k=-3), "top_k"),
+                                          (dict(top_k=2.5), "top_k")])
+def test_bad_top_k_top_p(kwargs, name):
+    logits, tokens, bids, fully_activated, _, mask_id = make_case(1, 4, 16, 2, torch.float32, torch.device("cpu"), seed=2)
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        ops.unmask(logits, tokens, bids, fully_activated, mask_id, **kwargs)
+
+
 def test_opcheck(device):
     logits, tokens, bids, fully_activated, prev, mask_id = make_case(2, 8, 64, 3, torch.float32, device, seed=5)
     for args in ((logits, tokens, bids, fully_activated, prev, mask_id, 2, 0.5, 0.0, 1, 0),
@@ -218,7 +227,9 @@ BAD = [
 def test_bad_input(name, bad, match):
     args = _good()
     args[name] = bad(args)
-    with pytest.raises(RuntimeError, match=f"unmask: .*{match}|unmask: {match}"):
+    # Each message names its argument first: one that only mentions it (tokens' shape check
+    # mentions logits) blames another.
+    with pytest.raises(RuntimeError, match=rf"unmask: {match}\b"):
         torch.ops.d2f_ext.unmask(*args.values())
 
 

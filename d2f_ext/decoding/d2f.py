@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
-
 from ..config import D2FConfig
 from ..engine import engine_for
 from .common import DecodeOutput
 
 
-@torch.inference_mode()
 def d2f_decode(model, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *, eos_id: Optional[int] = None,
                on_step=None, static: Optional[bool] = None, sync_every: int = 4,
                cuda_graphs: Optional[bool] = None) -> DecodeOutput:

@@ -17,7 +17,6 @@ import glob
 import json
 import os
 import sys
-import time
 
 
 
@@ -66,24 +65,25 @@ def apply_preset(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _results_file(output_path: str, since: float):
-    """lm-eval's results file of this run: <path>/<model>/results_<time>.json, or
-    <stem>_<time>.json beside an output_path ending in .json."""
+def _results_files(output_path: str) -> dict[str, float]:
+    """lm-eval's results files under ``output_path`` by modification time:
+    <path>/<model>/results_<time>.json, or <stem>_<time>.json beside an output_path ending in .json."""
     if output_path.endswith(".json"):
         stem = os.path.splitext(output_path)[0]
         found = glob.glob(f"{glob.escape(stem)}_*.json")
     else:
         found = glob.glob(os.path.join(glob.escape(output_path), "**", "results_*.json"), recursive=True)
-    found = [f for f in found if os.path.getmtime(f) >= since and "d2f_speed" not in os.path.basename(f)]
-    return max(found, key=os.path.getmtime) if found else None
+    return {f: os.path.getmtime(f) for f in found if "d2f_speed" not in os.path.basename(f)}
 
 
-def write_speed(output_path: str, since: float, runs: list[dict]):
-    """Write the speed statistics beside lm-eval's results file; returns the path written."""
-    results = _results_file(output_path, since)
-    if results is None:
+def write_speed(output_path: str, before: dict[str, float], runs: list[dict]):
+    """Write the speed statistics beside the results file this run wrote (one not in ``before``,
+    the files there before it, or changed since: file times come from a coarse clock, so they
+    are not compared with the run's start); returns the path written."""
+    new = {f: t for f, t in _results_files(output_path).items() if before.get(f) != t}
+    if not new:
         return None
-    folder, name = os.path.split(results)
+    folder, name = os.path.split(max(new, key=new.get))
     speed = os.path.join(folder, name.replace("results_", "d2f_speed_", 1) if name.startswith("results_")
                          else os.path.splitext(name)[0] + "_d2f_speed.json")
     with open(speed, "w", encoding="utf-8") as f:
@@ -134,11 +134,11 @@ def _run(argv: list[str]) -> int:
     args.include_path = [TASKS_DIR] + ([args.include_path] if args.include_path else [])
     if args.command == "run" and args.model == "d2f":
         check_model_args(dict(args.model_args or {}))  # fail before lm-eval indexes tasks or loads data
-    since = time.time()
-    cli.execute(args)
     output_path = getattr(args, "output_path", None)
+    before = _results_files(output_path) if output_path else {}
+    cli.execute(args)
     if SPEED_RUNS and output_path:
-        written = write_speed(output_path, since, SPEED_RUNS)
+        written = write_speed(output_path, before, SPEED_RUNS)
         if written:
             print(f"[d2f-eval] speed statistics: {written}", file=sys.stderr)
     return 0

@@ -250,6 +250,8 @@ class D2FLM(LM):
         d2f = {k: getattr(self.settings, k) for k in D2F_ARGS if k != "max_new_tokens"}
         if self.decoder == "vanilla":
             d2f = {"block_size": self.settings.block_size}
+        elif self.decoder == "fast-dllm":  # one block at a time: its block_add_threshold is 1
+            d2f.pop("block_add_threshold")
         special = set(self.tokenizer.all_special_ids)
         results: list[Optional[str]] = [None] * len(requests)
         tokens = forwards = 0
@@ -284,7 +286,7 @@ class D2FLM(LM):
             mask[row, width - len(p):] = 1
         stops = settings["stop_strings"]
         kwargs = {k: v for k, v in settings.items() if k != "stop_strings"}
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the model's engine outlives the call
             out = self.model.generate(ids.to(self._device), attention_mask=mask.to(self._device),
                                       decoder=self.decoder, return_dict_in_generate=True,
                                       stop_strings=stops or None, tokenizer=self.tokenizer, **kwargs, **d2f)
