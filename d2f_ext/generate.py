@@ -18,7 +18,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from .config import D2FConfig
-from .decoding import DECODERS, decode
+from .decoding import DECODERS, check_steps, decode
 from .decoding.common import split_padded
 from .engine import engine_for, first_stop
 
@@ -80,8 +80,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         raise TypeError(f"generate() got unexpected keyword argument(s): {sorted(unknown)}")
     # Settings the chosen decoder has no use for are refused: silently dropping them would decode
     # otherwise than asked.
-    if steps is not None and decoder != "vanilla":
-        raise ValueError(f"steps is vanilla decoding's setting; decoder={decoder!r} decodes by thresholds")
+    check_steps(decoder, steps)
     if decoder == "vanilla":
         unused = sorted(k for k in THRESHOLD_SETTINGS + _SAMPLING_SETTINGS if kwargs.get(k) is not None)
         unused += ["do_sample"] if kwargs.get("do_sample") else []

@@ -7,7 +7,7 @@ import torch
 
 from d2f_ext import D2FConfig, ops, reference
 from d2f_ext import layout as L
-from d2f_ext.decoding import d2f_decode, reference_decode, vanilla_decode
+from d2f_ext.decoding import d2f_decode, decode, reference_decode, vanilla_decode
 from d2f_ext.engine import Engine, EngineConfig, _localise
 from d2f_ext.models import load_model
 
@@ -144,6 +144,11 @@ def test_vanilla_decodes_every_position_in_fixed_steps(model):
     assert alone.generated[0].tolist() == out.generated[1].tolist()
     with pytest.raises(ValueError, match="steps"):
         vanilla_decode(model, prompts, max_new_tokens=16, block_size=8, steps=3)
+    cfg = D2FConfig(block_size=8, max_new_tokens=16)
+    assert decode(model, prompts, cfg, decoder="vanilla", steps=8).generated.tolist() == out.generated.tolist()
+    for decoder in ("d2f", "fast-dllm", "reference"):  # steps would be ignored there: refused
+        with pytest.raises(ValueError, match="steps is vanilla decoding's setting"):
+            decode(model, prompts, cfg, decoder=decoder, steps=8)
 
 
 def test_finished_rows_leave_the_batch(model, monkeypatch):

@@ -16,10 +16,17 @@ from .vanilla import vanilla_decode
 DECODERS = ("d2f", "fast-dllm", "vanilla", "reference")
 
 
+def check_steps(decoder: str, steps: Optional[int]) -> None:
+    """A ValueError when ``steps`` is given to a decoder that would not read it."""
+    if steps is not None and decoder != "vanilla":
+        raise ValueError(f"steps is vanilla decoding's setting; decoder={decoder!r} decodes by thresholds")
+
+
 def decode(model, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *, decoder: str = "d2f",
            eos_id: Optional[int] = None, steps: Optional[int] = None) -> DecodeOutput:
     """Decode with one of :data:`DECODERS`. vanilla takes cfg's block_size and max_new_tokens and
     ``steps`` per generation (default: one token a step); the others take all of cfg."""
+    check_steps(decoder, steps)
     if decoder == "d2f":
         return d2f_decode(model, prompts, cfg, eos_id=eos_id)
     if decoder == "fast-dllm":
@@ -32,4 +39,4 @@ def decode(model, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *, decoder: 
     raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
 
 
-__all__ = ["DECODERS", "DecodeOutput", "d2f_decode", "decode", "reference_decode", "vanilla_decode"]
+__all__ = ["DECODERS", "DecodeOutput", "check_steps", "d2f_decode", "decode", "reference_decode", "vanilla_decode"]

@@ -59,7 +59,8 @@ def main():
                     decoded_token_threshold=a.decoded_token_threshold, skip_threshold=a.skip_threshold,
                     max_new_tokens=a.max_new_tokens)
     steps = a.vanilla_steps or a.max_new_tokens
-    decoders = {name: (lambda p, name=name: decode(model, [p], cfg, decoder=name, steps=steps))
+    decoders = {name: (lambda p, name=name: decode(model, [p], cfg, decoder=name,
+                                                   steps=steps if name == "vanilla" else None))
                 for name in ("d2f", "fast-dllm", "reference", "vanilla")}
     decoders["d2f-static"] = lambda p: d2f_decode(model, [p], cfg, static=True, cuda_graphs=False)
     if torch.device(a.device).type == "cuda":
