@@ -213,6 +213,36 @@ BAD = [
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "model"),
     ("prompt over the context", "/v1/completions", {"model": NAME, "prompt": [5] * 600}, 400, "prompt"),
     ("mask token in the prompt", "/v1/completions", {"model": NAME, "prompt": [5, 1, 5]}, 400, "prompt"),
+    ("mask token's text in the prompt", "/v1/completions", {"model": NAME, "prompt": "Tom <|mask|> has"}, 400,
+     "prompt"),
+    ("mask token's text in a message", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "Tom <|mask|> has"}]}, 400, "messages"),
+    ("max_completion_tokens 0", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+    ("echo", "/v1/completions", {"model": NAME, "prompt": "hi", "echo": True}, 400, "echo"),
+    ("logprobs 0", "/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 0}, 400, "logprobs"),
+    ("chat logprobs", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ("top_logprobs", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("best_of 2", "/v1/completions", {"model": NAME, "prompt": "hi", "best_of": 2}, 400, "best_of"),
+    ("suffix", "/v1/completions", {"model": NAME, "prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ("presence_penalty", "/v1/completions", {"model": NAME, "prompt": "hi", "presence_penalty": 0.5}, 400,
+     "presence_penalty"),
+    ("frequency_penalty", "/v1/completions", {"model": NAME, "prompt": "hi", "frequency_penalty": 1}, 400,
+     "frequency_penalty"),
+    ("logit_bias", "/v1/completions", {"model": NAME, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("response_format json", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("tools", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("tool_choice", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}, 400, "tool_choice"),
+    ("stream_options without stream", "/v1/completions",
+     {"model": NAME, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("max_tokens 0", "/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens past the context", "/v1/chat/completions",
      {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400, "max_tokens"),
@@ -233,6 +263,34 @@ def test_bad_input_is_an_openai_error_and_the_server_stays_up(server, client, ca
     assert set(reply) == {"error"} and set(reply["error"]) == {"message", "type", "param", "code"}
     assert reply["error"]["message"] and reply["error"]["param"] == param
     assert client.completions.create(model=NAME, prompt="Tom has", max_tokens=16).choices[0].finish_reason
+
+
+def test_nulls_and_defaults_of_unsupported_fields_are_accepted(server):
+    """What the openai client, or a client that fills in every field, may send explicitly."""
+    for path, body in [
+        ("/v1/completions", {"prompt": "Tom has", "n": None, "stream": None, "echo": False, "logprobs": None,
+                             "best_of": 1, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0.0,
+                             "logit_bias": {}}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": None, "stream": None,
+                                  "logprobs": False, "top_logprobs": None, "response_format": {"type": "text"},
+                                  "tools": [], "tool_choice": "none", "stream_options": None}),
+    ]:
+        code, reply = _post(server, path, {"model": NAME, "max_tokens": 16, **body})
+        assert code == 200, reply
+        assert len(reply["choices"]) == 1 and reply["choices"][0]["finish_reason"]
+
+
+def test_top_p_or_seed_alone_samples_at_temperature_1(model, client):
+    """As in OpenAI, where temperature defaults to 1."""
+    ids = model.tokenizer("Tom has", add_special_tokens=False)["input_ids"]  # an uncertain continuation
+    greedy, _, _ = _alone(model, ids, max_new_tokens=48)
+    for top_p in (None, 0.99):
+        kw = {} if top_p is None else {"top_p": top_p}
+        seeded = [client.completions.create(model=NAME, prompt=ids, seed=s, max_tokens=48, **kw).choices[0].text
+                  for s in range(4)]
+        assert seeded == [_alone(model, ids, do_sample=True, temperature=1.0, seed=s, max_new_tokens=48, **kw)[0]
+                          for s in range(4)]
+        assert set(seeded) != {greedy}
 
 
 def test_openai_client_raises_the_status(client):
@@ -302,6 +360,38 @@ def test_disconnect_mid_stream_frees_the_row(one_row, model, monkeypatch):
     assert _poll(lambda: engine.num_active == 1)
     stream.close()
     assert _poll(lambda: engine_loop.outstanding == 0)  # the server saw the client leave
+    allowed.release(1000)
+    assert _poll(lambda: engine.num_active == 0 and not engine.has_work())
+    assert [r.finish_reason for r in added] == ["abort"]
+    monkeypatch.undo()
+    assert client.completions.create(model=NAME, prompt="Tom has", max_tokens=16).choices[0].finish_reason
+
+
+def test_disconnect_without_stream_frees_the_row(one_row, model, monkeypatch):
+    """A non-streaming client that times out: its request is aborted and its row freed while the
+    engine is still held back, not when the request would have finished."""
+    server, client = one_row
+    engine_loop = server.app.state.engine_loop
+    engine = engine_loop.engine
+    allowed = threading.Semaphore(0)
+    step, add = engine.step, engine.add_request
+    added = []
+
+    def gated_step():
+        assert allowed.acquire(timeout=TIMEOUT)
+        return step()
+
+    def recorded_add(*args, **kwargs):
+        added.append(add(*args, **kwargs))
+        return added[-1]
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    monkeypatch.setattr(engine, "add_request", recorded_add)
+    allowed.release()  # one step: the request takes the row, then decoding waits
+    with pytest.raises(openai.APITimeoutError):  # its connection is closed
+        client.with_options(timeout=1.0).chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": _question(random.Random(6))}])
+    assert _poll(lambda: engine_loop.outstanding == 0, timeout=5)  # the server saw the client leave
     allowed.release(1000)
     assert _poll(lambda: engine.num_active == 0 and not engine.has_work())
     assert [r.finish_reason for r in added] == ["abort"]

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from . import errors
 from .engine_loop import EngineLoop, Handle, QueueFull
 from .errors import APIError
 from .outputs import Delta, collect, deltas
-from .params import ModelInfo, chat_prompt_ids, decoding_config, prompt_ids, stop_strings
+from .params import ModelInfo, chat_prompt_ids, decoding_config, prompt_ids, stop_strings, unsupported_fields
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice,
                        CompletionRequest, CompletionResponse, ModelCard, ModelList, SamplingFields,
                        new_id, now)
+
+T = TypeVar("T")
+DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 
 
 def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
@@ -36,11 +40,12 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
     errors.install(app)
     created = now()
 
-    def submit(req: SamplingFields, ids: list[int], max_tokens):
+    def submit(req: SamplingFields, ids: list[int], max_tokens, max_tokens_param: str = "max_tokens"):
         if req.model != info.name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {info.name!r}",
                            "model", "model_not_found")
-        cfg = decoding_config(info, req, len(ids), max_tokens)
+        unsupported_fields(req)
+        cfg = decoding_config(info, req, len(ids), max_tokens, max_tokens_param)
         stop = stop_strings(req)
         try:
             return engine_loop.submit(ids, cfg, stop=stop, eos_id=info.eos_id)
@@ -59,7 +64,7 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
         return ModelList(data=[ModelCard(id=info.name, created=created)])
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         ids = prompt_ids(info, req.prompt, "prompt")
         handle = submit(req, ids, req.max_tokens)
         rid = new_id("cmpl")
@@ -70,15 +75,17 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
                                           usage=d.usage if usage_only else None).model_dump()
 
             return _sse(engine_loop, handle, info, chunk, req)
-        d = await collect(engine_loop, handle, info.tokenizer)
+        d = await _unless_disconnected(request, collect(engine_loop, handle, info.tokenizer))
         return CompletionResponse(id=rid, created=now(), model=info.name, usage=d.usage,
                                   choices=[CompletionChoice(text=d.text, finish_reason=d.finish_reason)])
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         ids = chat_prompt_ids(info, [m.model_dump() for m in req.messages])
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        handle = submit(req, ids, max_tokens)
+        if req.max_completion_tokens is not None:
+            handle = submit(req, ids, req.max_completion_tokens, "max_completion_tokens")
+        else:
+            handle = submit(req, ids, req.max_tokens)
         rid = new_id("chatcmpl")
         if req.stream:
             def chunk(d: Delta, usage_only: bool = False) -> dict:
@@ -90,12 +97,26 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
             first = ChatCompletionChunk(id=rid, created=now(), model=info.name,
                                         choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
             return _sse(engine_loop, handle, info, chunk, req, first.model_dump(exclude_none=True))
-        d = await collect(engine_loop, handle, info.tokenizer)
+        d = await _unless_disconnected(request, collect(engine_loop, handle, info.tokenizer))
         return ChatCompletionResponse(id=rid, created=now(), model=info.name, usage=d.usage,
                                       choices=[ChatChoice(message=ChatResponseMessage(content=d.text),
                                                           finish_reason=d.finish_reason)])
 
     return app
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, cancelled if the client leaves first: uvicorn does not cancel a plain
+    route on disconnect, so the request would hold its row until it finished (collect's
+    cleanup releases it on cancellation)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL))[0]:
+            if await request.is_disconnected():
+                raise APIError(499, "the client disconnected")  # nobody reads it; nginx's code
+        return task.result()
+    finally:
+        task.cancel()  # a no-op once done
 
 
 class _Stream(StreamingResponse):

@@ -11,6 +11,11 @@ from .errors import APIError
 from .protocol import SamplingFields
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+# OpenAI fields this server does not implement, with the values that ask for nothing (which
+# clients may send explicitly).
+UNSUPPORTED = {"echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
+               "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
+               "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,11 @@ class ModelInfo:
 def prompt_ids(info: ModelInfo, prompt: Union[str, list[int]], param: str) -> list[int]:
     if isinstance(prompt, str):
         ids = info.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        # Special-token text tokenises to its id, so text can carry the mask token too.
+        if info.mask_token_id in ids:
+            mask = info.tokenizer.decode([info.mask_token_id], skip_special_tokens=False)
+            raise APIError(400, f"{param}: the text holds the mask token {mask!r}, which the model "
+                                f"decodes in place of its output", param)
     else:
         bad = [t for t in prompt if not 0 <= t < info.vocab_size or t == info.mask_token_id]
         if bad:
@@ -52,26 +62,42 @@ def chat_prompt_ids(info: ModelInfo, messages: list[dict]) -> list[int]:
     return prompt_ids(info, text, "messages")
 
 
+def unsupported_fields(req: SamplingFields) -> None:
+    """Rejects an OpenAI field this server cannot honour, unless it holds its default."""
+    for name, defaults in UNSUPPORTED.items():
+        value = getattr(req, name, None)
+        # Typed: 0 would equal False, and logprobs 0 still asks for the chosen tokens' logprobs.
+        if value is not None and not any(type(value) is type(d) and value == d for d in defaults):
+            raise APIError(400, f"{name}: not supported by this server, got {value!r}", name)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options: only allowed with stream", "stream_options")
+
+
 def decoding_config(info: ModelInfo, req: SamplingFields, prompt_len: int,
-                    max_tokens: Optional[int] = None) -> D2FConfig:
+                    max_tokens: Optional[int] = None, max_tokens_param: str = "max_tokens") -> D2FConfig:
     """The request's settings over the model's generation_config; ``max_tokens`` (default the
-    generation_config's max_new_tokens, cut to what the context leaves) bounds the completion."""
-    if req.n != 1:
+    generation_config's max_new_tokens, cut to what the context leaves) bounds the completion;
+    errors about it name ``max_tokens_param``, the field the client sent."""
+    if req.n not in (None, 1):
         raise APIError(400, f"n: only n=1 is supported, got {req.n}", "n")
     room = info.max_len - prompt_len
     if max_tokens is None:
         default = getattr(info.generation_config, "max_new_tokens", None) or D2FConfig.max_new_tokens
         max_tokens = min(default, room)
     elif not 1 <= max_tokens <= room:
-        raise APIError(400, f"max_tokens: must be in [1, {room}] (the context of {info.max_len} less the "
-                            f"prompt's {prompt_len} tokens), got {max_tokens}", "max_tokens")
+        raise APIError(400, f"{max_tokens_param}: must be in [1, {room}] (the context of {info.max_len} less "
+                            f"the prompt's {prompt_len} tokens), got {max_tokens}", max_tokens_param)
     if req.temperature is not None and not 0 <= req.temperature <= 2:
         raise APIError(400, f"temperature: must be in [0, 2], got {req.temperature}", "temperature")
     if req.top_p is not None and not 0 < req.top_p <= 1:
         raise APIError(400, f"top_p: must be in (0, 1], got {req.top_p}", "top_p")
     if req.seed is not None and req.seed < 0:
         raise APIError(400, f"seed: must be >= 0, got {req.seed}", "seed")
-    sample = None if req.temperature is None else req.temperature > 0
+    # As in OpenAI, whose temperature defaults to 1: top_p or seed alone asks for sampling.
+    if req.temperature is None:
+        sample = True if req.top_p is not None or req.seed is not None else None
+    else:
+        sample = req.temperature > 0
     try:
         return D2FConfig.from_generation_config(info.generation_config, max_new_tokens=max_tokens,
                                                 block_size=info.block_size, do_sample=sample,

@@ -1,14 +1,15 @@
 """Request and response bodies in the shapes of OpenAI's completions and chat completions APIs.
 
 Unknown request fields are accepted and ignored, as OpenAI's client sends only what it is given;
-the values a field may take beyond its type (ranges, the model name) are checked by the routes,
-which know the model's context."""
+OpenAI's fields this server does not implement are declared, untyped, so that the routes reject
+any value but their default (params.UNSUPPORTED). The values a field may take beyond its type
+(ranges, the model name) are checked by the routes, which know the model's context."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -28,14 +29,21 @@ class SamplingFields(BaseModel):
     top_p: Optional[float] = None
     seed: Optional[StrictInt] = None
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    n: StrictInt = 1
-    stream: bool = False
+    n: Optional[StrictInt] = None  # None: 1
+    stream: Optional[bool] = None  # None: False
     stream_options: Optional[StreamOptions] = None
+    logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
 
 
 class CompletionRequest(SamplingFields):
     # One prompt, as text or token ids; a list of prompts is rejected (one choice per request).
     prompt: Union[StrictStr, list[StrictInt]]
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
 
 
 class ChatMessage(BaseModel):
@@ -48,6 +56,10 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None  # the newer name of max_tokens
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
 
 
 class Usage(BaseModel):
