@@ -68,13 +68,15 @@ _ids = itertools.count()
 class Request:
     """One prompt being decoded. ``output`` grows as tokens become final (never changes once
     there): the generated tokens before the first EOS, cut after the token that completes a stop
-    string. ``finish_reason``: "stop" (EOS or a stop string), "length" (max_new_tokens reached,
-    or the row ended without an EOS), "abort" (cancelled); None while running."""
+    string, and at ``max_tokens``. ``finish_reason``: "stop" (EOS or a stop string), "length"
+    (max_new_tokens or max_tokens reached, or the row ended without an EOS), "abort" (cancelled);
+    None while running."""
 
     prompt: list[int]
     cfg: D2FConfig
     eos_id: Optional[int]
     stop: tuple[str, ...] = ()
+    max_tokens: Optional[int] = None  # at most this many output tokens (a server's max_tokens)
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     output: list[int] = dataclasses.field(default_factory=list)
     generated: Optional[list[int]] = None  # the whole generation region once finished
@@ -144,10 +146,11 @@ class Engine:
     # --- requests ---------------------------------------------------------------------------
 
     def add_request(self, prompt: Sequence[int], cfg: D2FConfig, *, eos_id: Optional[int] = None,
-                    stop: Sequence[str] = ()) -> Request:
+                    stop: Sequence[str] = (), max_tokens: Optional[int] = None) -> Request:
         """Queue a prompt (real token ids) to decode with ``cfg``; it joins a row at the next
         step that finds one free. stop: strings that end the request once its text holds one
-        (needs the engine's tokenizer)."""
+        (needs the engine's tokenizer). max_tokens: end it after that many output tokens, for a
+        budget that is not a whole number of blocks (cfg's canvas must cover it)."""
         mc = self.model.config
         if not isinstance(cfg, D2FConfig):
             raise TypeError(f"cfg must be a D2FConfig, got {type(cfg).__name__}")
@@ -161,10 +164,12 @@ class Engine:
             raise ValueError(f"stop must be non-empty strings, got {stop!r}")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the model has none)")
+        if max_tokens is not None and not (isinstance(max_tokens, int) and 1 <= max_tokens <= cfg.gen_len):
+            raise ValueError(f"max_tokens must be an integer in [1, {cfg.gen_len}] (the canvas), got {max_tokens!r}")
         eos = mc.eos_token_id if eos_id is None else int(eos_id)
         if eos is not None and eos >= mc.vocab_size:
             raise ValueError(f"eos_id must be below the vocabulary size {mc.vocab_size} (negative: none), got {eos}")
-        request = Request(prompt, cfg, eos, stop)
+        request = Request(prompt, cfg, eos, stop, max_tokens)
         self.waiting.append(request)
         return request
 
@@ -457,11 +462,16 @@ class Engine:
                 if hit is not None:
                     stopped, r.stop_string = new[: hit[0] - len(r.output)], hit[1]
                     new = stopped
+            capped = r.max_tokens is not None and len(r.output) + len(new) >= r.max_tokens
+            if capped:
+                new = new[: r.max_tokens - len(r.output)]
             r.output.extend(new)
             r.forwards = forwards
-            if stopped is not None or finished:
+            if stopped is not None or finished or capped:
                 r.generated = gen
-                r.finish_reason = "stop" if stopped is not None or eos_at >= 0 else "length"
+                # An EOS ends it ("stop") only when the output reached it, not when cut before.
+                reached_eos = eos_at >= 0 and len(r.output) == eos_at
+                r.finish_reason = "stop" if stopped is not None or reached_eos else "length"
                 self._free(r)
             if new or r.finished:
                 outputs.append(StepOutput(r, new))

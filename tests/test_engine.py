@@ -189,6 +189,19 @@ def test_a_failed_or_interrupted_decode_leaves_the_engine_clean(model):
     alone = reference_decode(model, [r.prompt], cfg, eos_id=model.config.eos_token_id)
     assert r.generated == alone.generated[0].tolist()
 
+
+def test_max_tokens_ends_a_request_inside_its_canvas(model):
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=40, block_size=4))
+    cfg = D2FConfig(block_size=4, skip_threshold=0.5, max_new_tokens=12)
+    with pytest.raises(ValueError, match="max_tokens must be an integer in \\[1, 12\\]"):
+        engine.add_request([5, 6, 7], cfg, max_tokens=13)
+    full = engine.add_request([5, 6, 7], cfg, eos_id=-1)
+    cut = engine.add_request([5, 6, 7], cfg, eos_id=-1, max_tokens=7)
+    while engine.has_work():
+        engine.step()
+    assert cut.output == full.output[:7] and len(full.output) == 12
+    assert (cut.finish_reason, full.finish_reason) == ("length", "length") and not cut.hit_eos
+
 def test_stream_of_outputs_is_the_final_text_in_order(model):
     rng = random.Random(9)
     engine = Engine(model, EngineConfig(max_batch=2, max_len=48, block_size=4))

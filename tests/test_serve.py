@@ -131,6 +131,19 @@ def test_token_id_prompt_and_max_tokens(model, client):
     assert r.choices[0].finish_reason == "length"
 
 
+
+@pytest.mark.parametrize("max_tokens", [5, 17, 21])
+def test_max_tokens_between_blocks_is_exact(model, client, max_tokens):
+    """D2F decodes whole blocks of 16: the server decodes the blocks that cover max_tokens and
+    ends the completion there, with what the longer decode has in those positions."""
+    ids = _chat_ids(model, _question(random.Random(2)))
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=max_tokens)
+    _, n, _ = _alone(model, ids, max_new_tokens=48)
+    assert n > max_tokens  # the question's answer runs past the bound
+    assert r.usage.completion_tokens == max_tokens and r.choices[0].finish_reason == "length"
+    cut = model.generate(torch.tensor([ids]), max_new_tokens=48)[0, len(ids):len(ids) + max_tokens]
+    assert r.choices[0].text == model.tokenizer.decode(cut, skip_special_tokens=True)
+
 def test_stop_cuts_before_the_stop_string(model, client):
     question = _question(random.Random(3))
     full = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}])

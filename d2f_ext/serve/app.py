@@ -45,10 +45,10 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {info.name!r}",
                            "model", "model_not_found")
         unsupported_fields(req)
-        cfg = decoding_config(info, req, len(ids), max_tokens, max_tokens_param)
+        cfg, bound = decoding_config(info, req, len(ids), max_tokens, max_tokens_param)
         stop = stop_strings(req)
         try:
-            return engine_loop.submit(ids, cfg, stop=stop, eos_id=info.eos_id)
+            return engine_loop.submit(ids, cfg, stop=stop, eos_id=info.eos_id, max_tokens=bound)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full") from None
 

@@ -40,8 +40,8 @@ class Handle:
     """A submitted request as its route sees it: ``events`` yields its Events in order."""
 
     def __init__(self, prompt: list[int], cfg: D2FConfig, stop: tuple[str, ...], eos_id: Optional[int],
-                 loop: asyncio.AbstractEventLoop):
-        self.prompt, self.cfg, self.stop, self.eos_id = prompt, cfg, stop, eos_id
+                 loop: asyncio.AbstractEventLoop, max_tokens: Optional[int] = None):
+        self.prompt, self.cfg, self.stop, self.eos_id, self.max_tokens = prompt, cfg, stop, eos_id, max_tokens
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.request = None  # the engine's Request, set on the engine thread
@@ -101,14 +101,15 @@ class EngineLoop:
             self._thread = None
 
     def submit(self, prompt: Sequence[int], cfg: D2FConfig, *, stop: Sequence[str] = (),
-               eos_id: Optional[int] = None, loop: Optional[asyncio.AbstractEventLoop] = None) -> Handle:
+               eos_id: Optional[int] = None, loop: Optional[asyncio.AbstractEventLoop] = None,
+               max_tokens: Optional[int] = None) -> Handle:
         """Queue a validated request; raises QueueFull when the server holds ``capacity`` already."""
         with self._lock:
             if self._outstanding >= self.capacity:
                 raise QueueFull(f"the server holds {self._outstanding} requests, its limit "
                                 f"(--max-batch + --max-queue); retry later")
             self._outstanding += 1
-        handle = Handle(list(prompt), cfg, tuple(stop), eos_id, loop or asyncio.get_running_loop())
+        handle = Handle(list(prompt), cfg, tuple(stop), eos_id, loop or asyncio.get_running_loop(), max_tokens)
         self._commands.put(("add", handle))
         return handle
 
@@ -180,7 +181,8 @@ class EngineLoop:
             if handle.released:  # the client left before its request reached the engine
                 return
             try:
-                r = self.engine.add_request(handle.prompt, handle.cfg, eos_id=handle.eos_id, stop=handle.stop)
+                r = self.engine.add_request(handle.prompt, handle.cfg, eos_id=handle.eos_id, stop=handle.stop,
+                                            max_tokens=handle.max_tokens)
             except (ValueError, TypeError) as e:
                 handle._deliver(Event((), "error", error=str(e)))
                 return

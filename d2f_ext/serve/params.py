@@ -74,19 +74,25 @@ def unsupported_fields(req: SamplingFields) -> None:
 
 
 def decoding_config(info: ModelInfo, req: SamplingFields, prompt_len: int,
-                    max_tokens: Optional[int] = None, max_tokens_param: str = "max_tokens") -> D2FConfig:
-    """The request's settings over the model's generation_config; ``max_tokens`` (default the
-    generation_config's max_new_tokens, cut to what the context leaves) bounds the completion;
-    errors about it name ``max_tokens_param``, the field the client sent."""
+                    max_tokens: Optional[int] = None, max_tokens_param: str = "max_tokens") -> tuple[D2FConfig, int]:
+    """The request's settings over the model's generation_config, and the completion's bound:
+    ``max_tokens`` (default the generation_config's max_new_tokens, cut to what the context
+    leaves). D2F decodes whole blocks, so the canvas is the blocks that cover the bound, and the
+    engine ends the request at the bound. Errors about it name ``max_tokens_param``, the field
+    the client sent."""
     if req.n not in (None, 1):
         raise APIError(400, f"n: only n=1 is supported, got {req.n}", "n")
+    bs = info.block_size
     room = info.max_len - prompt_len
+    room = room if room < bs else room // bs * bs  # whole blocks, or one shorter block
     if max_tokens is None:
         default = getattr(info.generation_config, "max_new_tokens", None) or D2FConfig.max_new_tokens
         max_tokens = min(default, room)
     elif not 1 <= max_tokens <= room:
         raise APIError(400, f"{max_tokens_param}: must be in [1, {room}] (the context of {info.max_len} less "
-                            f"the prompt's {prompt_len} tokens), got {max_tokens}", max_tokens_param)
+                            f"the prompt's {prompt_len} tokens, in whole blocks of {bs}), got {max_tokens}",
+                       max_tokens_param)
+    canvas = max_tokens if max_tokens <= bs else -(-max_tokens // bs) * bs
     if req.temperature is not None and not 0 <= req.temperature <= 2:
         raise APIError(400, f"temperature: must be in [0, 2], got {req.temperature}", "temperature")
     if req.top_p is not None and not 0 < req.top_p <= 1:
@@ -99,11 +105,12 @@ def decoding_config(info: ModelInfo, req: SamplingFields, prompt_len: int,
     else:
         sample = req.temperature > 0
     try:
-        return D2FConfig.from_generation_config(info.generation_config, max_new_tokens=max_tokens,
-                                                block_size=info.block_size, do_sample=sample,
-                                                temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        cfg = D2FConfig.from_generation_config(info.generation_config, max_new_tokens=canvas,
+                                               block_size=bs, do_sample=sample,
+                                               temperature=req.temperature, top_p=req.top_p, seed=req.seed)
     except ValueError as e:
         raise APIError(400, str(e)) from None
+    return cfg, max_tokens
 
 
 def stop_strings(req: SamplingFields) -> tuple[str, ...]:
