@@ -78,16 +78,25 @@ def chat_ids(tok, question: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def canvas(model, max_tokens: int) -> int:
+    """The new tokens a server request of ``max_tokens`` decodes: the whole blocks that cover it
+    (the server ends the completion at max_tokens)."""
+    bs = D2FConfig.from_generation_config(model.generation_config).block_size
+    return max_tokens if max_tokens <= bs else -(-max_tokens // bs) * bs
+
+
 def alone(model, prompts: list[str], max_tokens: int) -> dict:
-    """model.generate on each request alone: texts, tokens, seconds, first-token times."""
+    """model.generate on each request alone, as the server decodes it: texts, tokens, seconds,
+    first-token times."""
     tok = model.tokenizer
     texts, tokens, ttft = [], 0, []
     t0 = time.perf_counter()
     for q in prompts:
         ids = torch.tensor([chat_ids(tok, q)])
         streamer = FirstToken()
-        out = model.generate(ids, max_new_tokens=max_tokens, streamer=streamer, return_dict_in_generate=True)
-        n = int(out.new_tokens[0])
+        out = model.generate(ids, max_new_tokens=canvas(model, max_tokens), streamer=streamer,
+                             return_dict_in_generate=True)
+        n = min(int(out.new_tokens[0]), max_tokens)
         tokens += n
         texts.append(tok.decode(out.sequences[0, ids.shape[1]: ids.shape[1] + n], skip_special_tokens=True))
         ttft.append(streamer.first)
@@ -97,12 +106,12 @@ def alone(model, prompts: list[str], max_tokens: int) -> dict:
 def in_process(model, prompts: list[str], clients: int, max_tokens: int) -> dict:
     """The server's batching without the server: an engine of ``clients`` rows in this process,
     each emulated client adding its next request as soon as its last one ends. Tokens, seconds."""
-    cfg = D2FConfig.from_generation_config(model.generation_config, max_new_tokens=max_tokens)
+    cfg = D2FConfig.from_generation_config(model.generation_config, max_new_tokens=canvas(model, max_tokens))
     engine = Engine(model, EngineConfig(max_batch=clients, max_len=model.config.max_position_embeddings,
                                         block_size=cfg.block_size))
     todo = [chat_ids(model.tokenizer, q) for q in prompts]
     t0 = time.perf_counter()
-    running = [engine.add_request(todo.pop(0), cfg) for _ in range(min(clients, len(todo)))]
+    running = [engine.add_request(todo.pop(0), cfg, max_tokens=max_tokens) for _ in range(min(clients, len(todo)))]
     done, steps = [], 0
     while running:
         engine.step()
@@ -111,7 +120,7 @@ def in_process(model, prompts: list[str], clients: int, max_tokens: int) -> dict
             running.remove(r)
             done.append(r)
             if todo:
-                running.append(engine.add_request(todo.pop(0), cfg))
+                running.append(engine.add_request(todo.pop(0), cfg, max_tokens=max_tokens))
     return {"tokens": sum(len(r.output) for r in done), "seconds": time.perf_counter() - t0, "steps": steps}
 
 
