@@ -345,12 +345,9 @@ def _poll(condition, timeout: float = TIMEOUT) -> bool:
     return True
 
 
-def test_disconnect_mid_stream_frees_the_row(one_row, model, monkeypatch):
-    """The engine steps only when the test lets it, so the request is still decoding when its
-    client leaves: it is aborted (not finished), and the row is free for the next request."""
-    server, client = one_row
-    engine_loop = server.app.state.engine_loop
-    engine = engine_loop.engine
+def _gate(engine, monkeypatch):
+    """(a semaphore each engine step takes, the requests added): the test decides when the
+    engine steps, so a request is still decoding when its client leaves."""
     allowed = threading.Semaphore(0)
     step, add = engine.step, engine.add_request
     added = []
@@ -365,6 +362,15 @@ def test_disconnect_mid_stream_frees_the_row(one_row, model, monkeypatch):
 
     monkeypatch.setattr(engine, "step", gated_step)
     monkeypatch.setattr(engine, "add_request", recorded_add)
+    return allowed, added
+
+def test_disconnect_mid_stream_frees_the_row(one_row, model, monkeypatch):
+    """The engine steps only when the test lets it, so the request is still decoding when its
+    client leaves: it is aborted (not finished), and the row is free for the next request."""
+    server, client = one_row
+    engine_loop = server.app.state.engine_loop
+    engine = engine_loop.engine
+    allowed, added = _gate(engine, monkeypatch)
     stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": _question(random.Random(6))}],
                                             stream=True)
     chunks = iter(stream)
@@ -386,20 +392,7 @@ def test_disconnect_without_stream_frees_the_row(one_row, model, monkeypatch):
     server, client = one_row
     engine_loop = server.app.state.engine_loop
     engine = engine_loop.engine
-    allowed = threading.Semaphore(0)
-    step, add = engine.step, engine.add_request
-    added = []
-
-    def gated_step():
-        assert allowed.acquire(timeout=TIMEOUT)
-        return step()
-
-    def recorded_add(*args, **kwargs):
-        added.append(add(*args, **kwargs))
-        return added[-1]
-
-    monkeypatch.setattr(engine, "step", gated_step)
-    monkeypatch.setattr(engine, "add_request", recorded_add)
+    allowed, added = _gate(engine, monkeypatch)
     allowed.release()  # one step: the request takes the row, then decoding waits
     with pytest.raises(openai.APITimeoutError):  # its connection is closed
         client.with_options(timeout=1.0).chat.completions.create(
