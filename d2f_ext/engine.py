@@ -518,6 +518,12 @@ def _localise(groups: list[list[Request]], index: dict[int, int], batch: int, de
     return out
 
 
+def canvas_for(max_tokens: int, block_size: int) -> int:
+    """The max_new_tokens that decodes at least ``max_tokens`` tokens: the whole blocks that
+    cover it, or one shorter block (a request's ``max_tokens`` then ends it at the bound)."""
+    return max_tokens if max_tokens <= block_size else -(-max_tokens // block_size) * block_size
+
+
 def _samples(requests: list[Request]) -> bool:
     return any(r.cfg.temperature > 0 for r in requests)
 

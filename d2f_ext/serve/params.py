@@ -7,6 +7,7 @@ import dataclasses
 from typing import Optional, Union
 
 from ..config import D2FConfig
+from ..engine import canvas_for
 from .errors import APIError
 from .protocol import SamplingFields
 
@@ -92,7 +93,6 @@ def decoding_config(info: ModelInfo, req: SamplingFields, prompt_len: int,
         raise APIError(400, f"{max_tokens_param}: must be in [1, {room}] (the context of {info.max_len} less "
                             f"the prompt's {prompt_len} tokens, in whole blocks of {bs}), got {max_tokens}",
                        max_tokens_param)
-    canvas = max_tokens if max_tokens <= bs else -(-max_tokens // bs) * bs
     if req.temperature is not None and not 0 <= req.temperature <= 2:
         raise APIError(400, f"temperature: must be in [0, 2], got {req.temperature}", "temperature")
     if req.top_p is not None and not 0 < req.top_p <= 1:
@@ -105,8 +105,9 @@ def decoding_config(info: ModelInfo, req: SamplingFields, prompt_len: int,
     else:
         sample = req.temperature > 0
     try:
-        cfg = D2FConfig.from_generation_config(info.generation_config, max_new_tokens=canvas,
-                                               block_size=bs, do_sample=sample,
+        cfg = D2FConfig.from_generation_config(info.generation_config,
+                                               max_new_tokens=canvas_for(max_tokens, bs), block_size=bs,
+                                               do_sample=sample,
                                                temperature=req.temperature, top_p=req.top_p, seed=req.seed)
     except ValueError as e:
         raise APIError(400, str(e)) from None

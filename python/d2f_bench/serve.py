@@ -41,7 +41,7 @@ from d2f_bench.common import environment, torch_threads, write_json, write_markd
 from d2f_ext import AutoD2FModel
 from d2f_ext.cli import DEFAULT_MODEL
 from d2f_ext.config import D2FConfig
-from d2f_ext.engine import Engine, EngineConfig
+from d2f_ext.engine import Engine, EngineConfig, canvas_for
 
 NAME = "d2f-math"
 NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Max", "Ivy", "Sam"]
@@ -79,10 +79,8 @@ def chat_ids(tok, question: str) -> list[int]:
 
 
 def canvas(model, max_tokens: int) -> int:
-    """The new tokens a server request of ``max_tokens`` decodes: the whole blocks that cover it
-    (the server ends the completion at max_tokens)."""
-    bs = D2FConfig.from_generation_config(model.generation_config).block_size
-    return max_tokens if max_tokens <= bs else -(-max_tokens // bs) * bs
+    """The new tokens a server request of ``max_tokens`` decodes (the server ends it there)."""
+    return canvas_for(max_tokens, D2FConfig.from_generation_config(model.generation_config).block_size)
 
 
 def alone(model, prompts: list[str], max_tokens: int) -> dict:
