@@ -69,16 +69,17 @@ def main(argv=None) -> int:
         return 2
 
 
-def check_device(name: str) -> torch.device:
-    """The device, or a ValueError naming --device when it does not exist on this machine."""
+def check_device(name: str, arg: str = "--device") -> torch.device:
+    """The device, or a ValueError naming ``arg`` (the caller's name for the setting) when it
+    does not exist on this machine."""
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: {e}") from None
+        raise ValueError(f"{arg} {name!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available on this machine (use --device cpu)")
+        raise ValueError(f"{arg} {name}: no CUDA GPU is available on this machine (use cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(f"{arg} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -90,10 +90,7 @@ def check_model_args(args: dict) -> dict:
     if a.get("decoder", "d2f") not in DECODERS:
         raise ValueError(f"d2f model_args: decoder must be one of {DECODERS}, got {a['decoder']!r}")
     if "device" in a:
-        try:
-            check_device(str(a["device"]))
-        except ValueError as e:  # check_device names d2f-generate's flag, --device
-            raise ValueError(f"d2f model_args: {str(e).removeprefix('--')}") from None
+        check_device(str(a["device"]), "d2f model_args: device")
     for key in ("block_size", "max_new_tokens", "batch_size"):
         if key in a:
             a[key] = _integer(key, a[key])
