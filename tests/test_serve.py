@@ -78,12 +78,19 @@ def _post(server, path: str, body) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def _get_health(server) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(server.url + "/health", timeout=TIMEOUT) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
     client.completions.create(model=NAME, prompt="Tom has", max_tokens=16)
-    with urllib.request.urlopen(server.url + "/health", timeout=TIMEOUT) as r:
-        h = json.loads(r.read())
-    assert h["status"] == "ok" and h["active"] == h["outstanding"] == 0
+    status, h = _get_health(server)
+    assert status == 200 and h["status"] == "ok" and h["active"] == h["outstanding"] == 0
     assert h["steps"] > 0 and h["step_seconds"] > 0  # the benchmark's profile of engine time
 
 
@@ -401,6 +408,49 @@ def test_disconnect_without_stream_frees_the_row(one_row, model, monkeypatch):
     allowed.release(1000)
     assert _poll(lambda: engine.num_active == 0 and not engine.has_work())
     assert [r.finish_reason for r in added] == ["abort"]
+    monkeypatch.undo()
+    assert client.completions.create(model=NAME, prompt="Tom has", max_tokens=16).choices[0].finish_reason
+
+
+def _failing(engine, monkeypatch, *names):
+    """Make each named engine method raise, as a device error would."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    for name in names:
+        monkeypatch.setattr(engine, name, fail)
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(one_row, model, monkeypatch):
+    server, client = one_row
+    engine = server.app.state.engine_loop.engine
+    _failing(engine, monkeypatch, "step")
+    with pytest.raises(openai.InternalServerError, match="the engine failed: RuntimeError: CUDA error"):
+        client.completions.create(model=NAME, prompt="Tom has", max_tokens=16)
+    monkeypatch.undo()
+    assert _poll(lambda: not engine.has_work())  # the failed request gave its row back
+    assert _get_health(server)[0] == 200
+    assert client.completions.create(model=NAME, prompt="Tom has", max_tokens=16).choices[0].finish_reason
+
+
+def test_an_engine_that_cannot_abort_is_down_and_says_so(one_row, model, monkeypatch):
+    """A step fails and so does aborting its requests (a device error that sticks): the client
+    hears the error, /health turns 503, and every later request is a 503, not a hang."""
+    server, client = one_row
+    _failing(server.app.state.engine_loop.engine, monkeypatch, "step", "abort")
+    with pytest.raises(openai.InternalServerError, match="the engine failed"):
+        client.completions.create(model=NAME, prompt="Tom has", max_tokens=16)
+    status, body = _get_health(server)
+    assert status == 503 and body["status"] == "error" and "aborting its requests then failed" in body["error"]
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.status_code == 503 and e.value.body["code"] == "engine_down"
+
+
+def test_a_request_the_engine_refuses_fails_alone(one_row, model, monkeypatch):
+    server, client = one_row
+    _failing(server.app.state.engine_loop.engine, monkeypatch, "add_request")
+    with pytest.raises(openai.InternalServerError, match="the engine refused the request"):
+        client.completions.create(model=NAME, prompt="Tom has", max_tokens=16)
     monkeypatch.undo()
     assert client.completions.create(model=NAME, prompt="Tom has", max_tokens=16).choices[0].finish_reason
 

@@ -8,10 +8,10 @@ import json
 from typing import Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import errors
-from .engine_loop import EngineLoop, Handle, QueueFull
+from .engine_loop import EngineDown, EngineLoop, Handle, QueueFull
 from .errors import APIError
 from .outputs import Delta, collect, deltas
 from .params import ModelInfo, chat_prompt_ids, decoding_config, prompt_ids, stop_strings, unsupported_fields
@@ -51,13 +51,19 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
             return engine_loop.submit(ids, cfg, stop=stop, eos_id=info.eos_id, max_tokens=bound)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full") from None
+        except EngineDown as e:
+            raise APIError(503, str(e), code="engine_down") from None
 
     @app.get("/health")
     async def health():
+        """503 once the engine is down, so that a load balancer or supervisor replaces it."""
         e = engine_loop.engine
-        return {"status": "ok", "active": e.num_active, "waiting": e.num_waiting,
-                "outstanding": engine_loop.outstanding, "steps": engine_loop.steps,
-                "step_seconds": engine_loop.step_seconds}
+        state = {"status": "ok", "active": e.num_active, "waiting": e.num_waiting,
+                 "outstanding": engine_loop.outstanding, "steps": engine_loop.steps,
+                 "step_seconds": engine_loop.step_seconds}
+        if engine_loop.down is not None:
+            return JSONResponse({**state, "status": "error", "error": engine_loop.down}, status_code=503)
+        return state
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -25,6 +25,11 @@ class QueueFull(Exception):
     """Every row is taken and the waiting queue holds --max-queue requests."""
 
 
+class EngineDown(Exception):
+    """The engine failed and could not even abort its requests (a device error that sticks):
+    it takes no more requests."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
     """What one step made final for a request: its new output tokens; ``finish_reason`` ("stop",
@@ -83,6 +88,7 @@ class EngineLoop:
         self._outstanding = 0
         # Time inside engine.step, against wall time, tells the engine's share of serving.
         self.steps, self.step_seconds = 0, 0.0
+        self.down: Optional[str] = None  # why the engine takes no more requests
         self._thread: Optional[threading.Thread] = None
 
     # --- called from the server's event loop ------------------------------------------------
@@ -103,7 +109,10 @@ class EngineLoop:
     def submit(self, prompt: Sequence[int], cfg: D2FConfig, *, stop: Sequence[str] = (),
                eos_id: Optional[int] = None, loop: Optional[asyncio.AbstractEventLoop] = None,
                max_tokens: Optional[int] = None) -> Handle:
-        """Queue a validated request; raises QueueFull when the server holds ``capacity`` already."""
+        """Queue a validated request; raises QueueFull when the server holds ``capacity`` already,
+        EngineDown once the engine is down."""
+        if self.down is not None:
+            raise EngineDown(self.down)
         with self._lock:
             if self._outstanding >= self.capacity:
                 raise QueueFull(f"the server holds {self._outstanding} requests, its limit "
@@ -147,7 +156,11 @@ class EngineLoop:
                 if command[0] == "stop":
                     self._fail_all("the server is shutting down", reason="abort")
                     return
-                self._apply(*command)
+                try:
+                    self._apply(*command)
+                except Exception as e:  # an abort that fails: as a failed step
+                    if self._engine_failed(e):
+                        return self._refuse()
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
@@ -158,7 +171,8 @@ class EngineLoop:
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a bug must not hang every client: each gets the error
-                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+                if self._engine_failed(e):
+                    return self._refuse()
                 continue
             self.steps += 1
             self.step_seconds += time.perf_counter() - t0
@@ -183,8 +197,8 @@ class EngineLoop:
             try:
                 r = self.engine.add_request(handle.prompt, handle.cfg, eos_id=handle.eos_id, stop=handle.stop,
                                             max_tokens=handle.max_tokens)
-            except (ValueError, TypeError) as e:
-                handle._deliver(Event((), "error", error=str(e)))
+            except Exception as e:  # this request fails, not the thread every client waits on
+                handle._deliver(Event((), "error", error=f"the engine refused the request: {type(e).__name__}: {e}"))
                 return
             handle.request = r
             self._handles[r.id] = handle
@@ -195,9 +209,29 @@ class EngineLoop:
                 del self._handles[r.id]
                 handle._deliver(Event((), "abort", r.forwards))
 
+    def _engine_failed(self, e: Exception) -> bool:
+        """Every request ends with ``e``; True when the engine is down."""
+        self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+        return self.down is not None
+
     def _fail_all(self, message: str, reason: str = "error") -> None:
-        for handle in list(self._handles.values()):
-            if not handle.request.finished:
-                self.engine.abort(handle.request)
-            handle._deliver(Event((), reason, handle.request.forwards, error=message))
+        """End every request with ``message``. Each client hears first: aborting them may fail
+        too, and then the engine is down (its rows cannot be trusted)."""
+        handles = list(self._handles.values())
         self._handles.clear()
+        for handle in handles:
+            handle._deliver(Event((), reason, handle.request.forwards, error=message))
+        try:
+            for handle in handles:
+                self.engine.abort(handle.request)
+        except Exception as e:
+            self.down = f"{message}; aborting its requests then failed: {type(e).__name__}: {e}"
+
+    def _refuse(self) -> None:
+        """The engine is down: answer what is still queued with the error until told to stop."""
+        while True:
+            kind, handle = self._commands.get()
+            if kind == "stop":
+                return
+            if kind == "add":
+                handle._deliver(Event((), "error", error=self.down))
