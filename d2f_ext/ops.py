@@ -106,7 +106,10 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def _filter_top_k_top_p(x: torch.Tensor, top_k: Optional[int], top_p: float) -> torch.Tensor:
-    # The spec's order: top-p first, then top-k, on temperature-scaled logits.
+    # The spec's order: top-p first, then top-k, on temperature-scaled logits. NaN is -inf here
+    # as in the kernels: left in, it would make softmax all NaN and rank first in topk, and so
+    # switch the filter off for its row.
+    x = x.masked_fill(x.isnan(), float("-inf"))
     if top_p < 1.0:
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         cum = torch.softmax(sorted_x.float(), dim=-1).cumsum(-1)

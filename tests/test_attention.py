@@ -145,6 +145,17 @@ def test_attention_all_padding_and_custom_scale(device, kernel, dtype):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_attention_more_than_16_query_heads_per_kv_head(device, kernel):
+    """Multi-query attention with 24 query heads on one KV head, also with a row of padding only
+    (the CPU kernel once looped forever there, splitting a one-token tile)."""
+    kernel_ok(kernel, device)
+    args = make_inputs(2, 3, 24, 1, 64, 8, torch.float32, device, lens=[5, 0])
+    check_against_reference(args, 0.125, kernel)
+    args[6][1] = -1
+    check_against_reference(args, 0.125, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_large_window_many_tiles(device, kernel, dtype):
     """Windows longer than the kernels' query and key tiles, with GQA and a long prompt block."""

@@ -114,3 +114,16 @@ def test_mma_attention_kernel_uses_tensor_cores(cuobjdump, library):
         assert len(kernels) == MMA_INSTANTIATIONS, f"{arch}: {sorted(kernels)}"
         for name, lines in kernels.items():
             assert any(re.search(r"\bHMMA\.16816\.F32", line) for line in lines), f"no HMMA in {name} ({arch})"
+
+
+def test_tensor_core_kernel_builds_for_an_older_target(tmp_path):
+    """TORCH_CUDA_ARCH_LIST may name a target below sm_80 (images often set "7.5;8.0"): the
+    tensor-core kernel, whose instructions need sm_80, must still build for it."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    run = subprocess.run([nvcc, "-std=c++17", "-DD2F_WITH_CUDA", "-arch=sm_75", f"-I{csrc}", "-c",
+                          str(csrc / "kernels" / "attention_mma_cuda.cu"), "-o", str(tmp_path / "mma.o")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]

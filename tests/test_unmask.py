@@ -167,6 +167,21 @@ def test_top_k_top_p(device, top_k, top_p):
     assert torch.equal(out.cpu()[decoded], logits.cpu().argmax(-1)[decoded])
 
 
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (None, 1e-3)])
+def test_nan_logit_does_not_switch_the_filter_off(device, top_k, top_p):
+    """Filtering down to the argmax makes p = 1 at every position, with a NaN logit in each row
+    too (NaN counts as -inf)."""
+    B, W, V = 2, 16, 300
+    logits, tokens, _, _, _, mask_id = make_case(B, W, V, 1, torch.float32, device, seed=11, masked_frac=1.0)
+    logits[..., mask_id] = -100.0
+    logits[..., 7 if mask_id != 7 else 8] = float("nan")
+    bids = torch.zeros(B, W, dtype=torch.int32, device=device)
+    fully_activated = torch.zeros(B, 1, dtype=torch.int32, device=device)
+    out = tokens.clone()
+    ops.unmask(logits, out, bids, fully_activated, mask_id, skip_threshold=0.99, top_k=top_k, top_p=top_p)
+    assert torch.equal(out, logits.nan_to_num(float("-inf")).argmax(-1))
+
+
 @pytest.mark.parametrize("kwargs, name", [(dict(top_p=1.5), "top_p"), (dict(top_p=float("nan")), "top_p"),
                                           (dict(top_p=0.0), "top_p"), (dict(top_k=-3), "top_k"),
                                           (dict(top_k=2.5), "top_k")])
@@ -218,6 +233,8 @@ BAD = [
     ("temperature", lambda a: -1.0, "temperature"),
     ("temperature", lambda a: float("inf"), "temperature"),
     ("temperature", lambda a: float("nan"), "temperature"),
+    ("temperature", lambda a: 1e-50, "temperature"),  # float would make it 0: greedy
+    ("temperature", lambda a: 1e39, "temperature"),  # float would make it inf
     ("confidence", lambda a: 3, "confidence"),
     ("confidence", lambda a: -1, "confidence"),
 ]

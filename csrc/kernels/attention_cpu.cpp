@@ -287,7 +287,7 @@ std::vector<Item> make_items(const AttentionParams& p) {
     for (const Span& s : spans) n += (s.t1 - s.t0 + t - 1) / t;
     return n * p.kv_heads;
   };
-  while (tile * G > kRowChunk && count(tile) < 2 * max_threads()) tile = (tile + 1) / 2;
+  while (tile > 1 && tile * G > kRowChunk && count(tile) < 2 * max_threads()) tile = (tile + 1) / 2;
 
   std::vector<Item> items;
   for (int b = 0; b < p.batch; ++b) {

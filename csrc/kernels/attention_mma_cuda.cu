@@ -44,18 +44,38 @@ constexpr size_t smem_bytes() {
   return sizeof(uint16_t) * (kRows + 4 * kKeys) * (D + kPad) + sizeof(int) * 2 * kKeys;
 }
 
+// cp.async and the m16n8k16 mma need sm_80. An older target in TORCH_CUDA_ARCH_LIST still builds:
+// its code traps, and attention_mma_plan never picks this kernel on such a device.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define D2F_BELOW_SM80 1
+#endif
+
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
 // 16 bytes global -> shared; when !valid nothing is read and the destination is zero-filled.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+#ifdef D2F_BELOW_SM80
+  __trap();
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef D2F_BELOW_SM80
+  __trap();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef D2F_BELOW_SM80
+  __trap();
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -75,19 +95,27 @@ __device__ __forceinline__ void mma16816(float (&acc)[4], const uint32_t (&a)[4]
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0,
                                                         uint32_t b1) {
+#ifdef D2F_BELOW_SM80
+  __trap();
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef D2F_BELOW_SM80
+  __trap();
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats as one register of two 16-bit values, `lo` in the low half (the lower column).

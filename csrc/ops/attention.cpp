@@ -51,9 +51,9 @@ void check_cache(const char* op, const char* name, const at::Tensor& t, const at
 }
 
 std::optional<at::Tensor> check_cache_rows(const char* op, const std::optional<at::Tensor>& cache_rows,
-                                           const at::Tensor& ref, int64_t B, int64_t Bc) {
+                                           const char* ref_name, const at::Tensor& ref, int64_t B, int64_t Bc) {
   if (!cache_rows.has_value()) return std::nullopt;
-  check_same_device(op, "cache_rows", *cache_rows, "q", ref);
+  check_same_device(op, "cache_rows", *cache_rows, ref_name, ref);
   check_int_range(op, "cache_rows", *cache_rows, B, 0, Bc - 1);
   return cache_rows->contiguous();
 }
@@ -131,7 +131,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_block_ids(op, block_ids, q, B, W);
   TORCH_CHECK(cache_rows.has_value() || B <= Bc, op, ": without cache_rows, k_cache needs at least B = ", B,
               " rows, got ", Bc);
-  const std::optional<at::Tensor> rows = check_cache_rows(op, cache_rows, q, B, Bc);
+  const std::optional<at::Tensor> rows = check_cache_rows(op, cache_rows, "q", q, B, Bc);
 
   at::Tensor out = at::empty({B, W, H, D}, q.options());
   if (out.numel() == 0) return out;
@@ -157,6 +157,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.dtype = kernel_dtype(q.scalar_type());
 #if defined(D2F_WITH_CUDA)
   if (q.is_cuda()) {
+    check_grid_size(op, "B", B), check_grid_size(op, "Hkv", Hkv);
     c10::cuda::CUDAGuard guard(q.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     if (choice == AttentionKernel::kMma) {
@@ -211,7 +212,7 @@ void store_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   }
   TORCH_CHECK(cache_rows.has_value() || B <= Bc, op, ": without cache_rows, k_cache needs at least B = ", B,
               " rows, got ", Bc);
-  const std::optional<at::Tensor> rows = check_cache_rows(op, cache_rows, k, B, Bc);
+  const std::optional<at::Tensor> rows = check_cache_rows(op, cache_rows, "k", k, B, Bc);
   if (B == 0 || W == 0 || Hkv == 0 || D == 0) return;
 
   const bounds::StoreSpans spans =
@@ -234,6 +235,7 @@ void store_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   p.dtype = kernel_dtype(k.scalar_type());
 #if defined(D2F_WITH_CUDA)
   if (k.is_cuda()) {
+    check_grid_size(op, "B", B);
     c10::cuda::CUDAGuard guard(k.device());
     store_kv_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -119,6 +119,14 @@ inline void check_float_dtype(const char* op, const char* name, const at::Tensor
   }
 }
 
+// A CUDA launch takes at most 65535 blocks along y and z; the sizes the kernels map there are
+// checked before any launch, so that no kernel runs on what one that failed to launch left.
+constexpr int64_t kMaxGridYZ = 65535;
+
+inline void check_grid_size(const char* op, const char* name, int64_t v) {
+  TORCH_CHECK(v <= kMaxGridYZ, op, ": ", name, " = ", v, " exceeds ", kMaxGridYZ, ", the most the CUDA kernels take");
+}
+
 inline int checked_int(const char* op, const char* name, int64_t v) {
   TORCH_CHECK(v >= 0 && v <= INT32_MAX, op, ": ", name, " = ", v, " does not fit the kernel's int32 range");
   return static_cast<int>(v);

@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 #include <tuple>
 
@@ -61,8 +62,9 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
   TORCH_CHECK(mask_id >= 0 && mask_id < V, "unmask: mask_id must be in [0, ", V, "), got ", mask_id);
   TORCH_CHECK(eos_id < V, "unmask: eos_id must be < the vocabulary size ", V, " (negative: none), got ", eos_id);
   TORCH_CHECK(skip_threshold >= 0.0 && skip_threshold <= 1.0, "unmask: skip_threshold must be in [0, 1], got ", skip_threshold);
-  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0,
-              "unmask: temperature must be finite and >= 0, got ", temperature);
+  // The kernels compute in float: a temperature float cannot hold would turn greedy or flat.
+  TORCH_CHECK(temperature == 0.0 || (temperature >= FLT_MIN && temperature <= FLT_MAX),
+              "unmask: temperature must be 0 or in [", FLT_MIN, ", ", FLT_MAX, "], got ", temperature);
   TORCH_CHECK(confidence >= 0 && confidence <= 2,
               "unmask: confidence must be 0 (probability), 1 (margin) or 2 (neg_entropy), got ", confidence);
   if (block_ids.numel() > 0 && C::value_checks_on(block_ids)) {
@@ -112,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor> unmask(const at::Tensor& logits, const at::Te
     d2f::unmask_cpu(p);
   } else {
 #if defined(D2F_WITH_CUDA)
+    C::check_grid_size(kOp, "logits.size(0) (batch)", B), C::check_grid_size(kOp, "logits.size(1) (window)", W);
     const c10::cuda::CUDAGuard guard(logits.device());
     const at::Tensor partials =
         at::empty({B * W * d2f::kUnmaskMaxSplits * d2f::kUnmaskPartialBytes}, logits.options().dtype(at::kByte));
