@@ -43,7 +43,7 @@ def load_generation_config(folder: Union[str, os.PathLike]):
 class AutoD2FModel:
     @staticmethod
     def from_pretrained(path: Union[str, os.PathLike], adapter: Optional[Union[str, os.PathLike]] = None,
-                        dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
+                        dtype: Union[torch.dtype, str] = torch.float32, device: Union[str, torch.device] = "cpu"):
         model = load_model(path, dtype=dtype, device=device)
         if adapter is not None:
             load_adapter(model, adapter)

@@ -8,14 +8,9 @@ import os
 import sys
 import time
 
-import torch
-
 from .auto import AutoD2FModel
 from .generate import DECODERS, THRESHOLD_SETTINGS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
+from .models.loading import DTYPES, check_device
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "d2f-math")
 DEFAULT_PROMPT = ("Mia has 12 apples. Mia buys 7 more apples and then gives 5 of them. "
@@ -67,20 +62,6 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as e:  # bad arguments or files: a message, not a traceback
         print(f"d2f-generate: error: {e}", file=sys.stderr)
         return 2
-
-
-def check_device(name: str, arg: str = "--device") -> torch.device:
-    """The device, or a ValueError naming ``arg`` (the caller's name for the setting) when it
-    does not exist on this machine."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"{arg} {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{arg} {name}: no CUDA GPU is available on this machine (use cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{arg} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def run(a: argparse.Namespace) -> int:

@@ -119,7 +119,7 @@ class Engine:
         self.model, self.config = model, config
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         p = next(model.parameters())
-        self.device = p.device
+        self.device, self.dtype = p.device, p.dtype
         on_cuda = self.device.type == "cuda"
         self.static = on_cuda if config.static is None else config.static
         self.cuda_graphs = self.static and on_cuda if config.cuda_graphs is None else config.cuda_graphs
@@ -224,14 +224,14 @@ class Engine:
         return self._collect(active)
 
     def decode(self, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *, eos_id: Optional[int] = None,
-               stop: Sequence[str] = (), on_step: Optional[Callable[[list[StepOutput]], None]] = None
-               ) -> tuple[DecodeOutput, list[Request]]:
+               stop: Sequence[str] = (), on_step: Optional[Callable[[list[StepOutput]], None]] = None,
+               max_tokens: Optional[int] = None) -> tuple[DecodeOutput, list[Request]]:
         """Decode every prompt to its end (more prompts than rows take turns); on_step gets each
-        step's outputs, for streaming."""
+        step's outputs, for streaming; max_tokens as in :meth:`add_request`."""
         requests = []
         try:
             for p in prompts:
-                requests.append(self.add_request(p, cfg, eos_id=eos_id, stop=stop))
+                requests.append(self.add_request(p, cfg, eos_id=eos_id, stop=stop, max_tokens=max_tokens))
             while not all(r.finished for r in requests):
                 outputs = self.step()
                 if on_step is not None:
@@ -480,8 +480,12 @@ class Engine:
 
 def engine_for(model, block_size: int, batch: int, length: int, **options) -> Engine:
     """The model's engine, built anew only when this call needs a different block size or
-    step driving, or more rows or positions than it has."""
+    step driving, or more rows or positions than it has, or the model moved or changed dtype
+    since (its cache and buffers would not match the weights)."""
     e = getattr(model, "d2f_engine", None)
+    p = next(model.parameters())
+    if e is not None and (e.device != p.device or e.dtype != p.dtype):
+        e = None
     want = EngineConfig(max_batch=batch, max_len=length, block_size=block_size, **options)
     if e is not None and e.config.block_size == block_size and e.config.max_batch >= batch and \
             e.max_len >= length and all(getattr(e.config, k) == v for k, v in options.items()):

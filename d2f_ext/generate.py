@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 from .config import D2FConfig
 from .decoding import DECODERS, check_steps, decode
 from .decoding.common import split_padded
-from .engine import engine_for, first_stop
+from .engine import canvas_for, engine_for, first_stop
 
 _D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
 _ENGINE_DECODERS = ("d2f", "fast-dllm")
@@ -107,6 +107,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     pad = model.config.pad_token_id if pad is None else int(pad)
     pad = eos if pad is None else pad
     cfg = D2FConfig.from_generation_config(gc, max_new_tokens=max_new_tokens, **kwargs)
+    # As in transformers, max_new_tokens bounds the output exactly, also between whole blocks:
+    # the threshold decoders decode the blocks that cover it and the output is cut there (vanilla
+    # takes whole blocks only, and says so).
+    bound = cfg.max_new_tokens
+    if decoder != "vanilla":
+        cfg = dataclasses.replace(cfg, max_new_tokens=canvas_for(bound, cfg.block_size))
     stop = stop_strings if stop_strings is not None else get("stop_strings")
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -135,14 +141,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                     tail = [eos] if o.finished and o.request.hit_eos else []
                     if o.new_tokens or tail:
                         streamer.put(torch.tensor(o.new_tokens + tail))
-        out, requests = engine.decode(prompts, cfg, eos_id=eos, stop=stop, on_step=on_step)
+        out, requests = engine.decode(prompts, cfg, eos_id=eos, stop=stop, on_step=on_step, max_tokens=bound)
         rows = [r.output for r in requests]
         hit = [r.hit_eos for r in requests]
     else:
         out = decode(model, prompts, cfg, decoder=decoder, eos_id=eos, steps=steps)
         rows = out.tokens_before_eos(eos)
-        hit = [eos is not None and len(r) < out.generated.shape[1] and int(out.generated[i, len(r)]) == eos
+        hit = [eos is not None and len(r) < bound and int(out.generated[i, len(r)]) == eos
                for i, r in enumerate(rows)]
+        rows = [r[:bound] for r in rows]
         if stop:  # these decoders run to the end: the rows are cut afterwards
             cuts = [first_stop(r, stop, tokenizer) for r in rows]
             hit = [h and c is None for h, c in zip(hit, cuts)]

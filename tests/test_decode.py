@@ -129,6 +129,9 @@ def test_bad_prompts(model, bad, match):
         (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
     (dict(seed=1.5), "seed"), (dict(seed=-1), "seed"), (dict(seed=None), "seed"),
+    # True is an int to Python; a string is no number: each named, not a bare TypeError
+    (dict(block_size=True), "block_size"), (dict(max_new_tokens=True), "max_new_tokens"), (dict(top_k=True), "top_k"),
+    (dict(temperature="0.7"), "temperature"), (dict(top_p="0.9"), "top_p"), (dict(skip_threshold=True), "skip_threshold"),
 ])
 def test_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -144,6 +147,8 @@ def test_vanilla_decodes_every_position_in_fixed_steps(model):
     assert alone.generated[0].tolist() == out.generated[1].tolist()
     with pytest.raises(ValueError, match="steps"):
         vanilla_decode(model, prompts, max_new_tokens=16, block_size=8, steps=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        vanilla_decode(model, prompts, max_new_tokens=0, block_size=8, steps=8)
     cfg = D2FConfig(block_size=8, max_new_tokens=16)
     assert decode(model, prompts, cfg, decoder="vanilla", steps=8).generated.tolist() == out.generated.tolist()
     for decoder in ("d2f", "fast-dllm", "reference"):  # steps would be ignored there: refused

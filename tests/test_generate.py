@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GenerationConfig, TextStreamer
 
-from d2f_ext import AutoD2FModel, cli, patch
+from d2f_ext import AutoD2FModel, D2FConfig, cli, patch
+from d2f_ext.decoding import decode
 from d2f_ext.engine import Engine
 from d2f_ext.models import KVCache, load_model
 
@@ -108,13 +109,38 @@ def test_chat_template_prompt(model):
 
 @pytest.mark.parametrize("decoder", ["fast-dllm", "vanilla", "reference"])
 def test_other_decoders(model, decoder):
+    """Each decoder's generate gives the tokens that decoding.decode gives it, through the EOS."""
     enc = _encode(model, ["the bird"])
     kw = {"vanilla": dict(block_size=4), "fast-dllm": {**KW, "block_add_threshold": 1.0}}.get(decoder, KW)
     out = model.generate(**enc, max_new_tokens=8, decoder=decoder, return_dict_in_generate=True, **kw)
-    assert out.sequences.shape[1] >= enc["input_ids"].shape[1]
+    prompt = enc["input_ids"][0].tolist()
+    want = decode(model, [prompt], D2FConfig(max_new_tokens=8, **kw), decoder=decoder, eos_id=model.config.eos_token_id)
+    row = want.tokens_before_eos(model.config.eos_token_id)[0]
+    n = int(out.new_tokens[0])
+    assert n == len(row) and out.sequences[0, len(prompt): len(prompt) + n].tolist() == row
     if decoder == "reference":
         d2f = model.generate(**enc, max_new_tokens=8, **KW)
         assert torch.equal(d2f, out.sequences)
+
+
+@pytest.mark.parametrize("decoder", ["d2f", "reference"])
+def test_max_new_tokens_between_whole_blocks_is_exact(model, decoder):
+    """max_new_tokens 6 with blocks of 4: six tokens (the first six of an 8-token decode), not
+    the one whole block the D2F loop's own max_new_tokens would give."""
+    enc = _encode(model, ["one two"])
+    no_eos = dict(eos_token_id=-1, **KW)
+    six = model.generate(**enc, max_new_tokens=6, decoder=decoder, return_dict_in_generate=True, **no_eos)
+    eight = model.generate(**enc, max_new_tokens=8, decoder=decoder, return_dict_in_generate=True, **no_eos)
+    assert int(six.new_tokens[0]) == 6 and torch.equal(six.sequences, eight.sequences[:, :-2])
+
+
+def test_engine_is_rebuilt_when_the_model_changes_dtype(tiny_checkpoint):
+    model = AutoD2FModel.from_pretrained(tiny_checkpoint("llada", seed=5))
+    enc = _encode(model, ["the cat"])
+    model.generate(**enc, max_new_tokens=8, **KW)
+    model.to(torch.bfloat16)
+    model.generate(**enc, max_new_tokens=8, **KW)
+    assert model.d2f_engine.cache.k.dtype == torch.bfloat16
 
 
 def test_stop_strings_end_each_row_after_the_first_stop_string(model):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from d2f_bench.tiny import write_tiny_checkpoint
+from d2f_ext import AutoD2FModel
 from d2f_ext.models import CheckpointError, ModelConfig, load_adapter, load_model
 
 
@@ -48,6 +49,17 @@ def test_dtype(dtype, tiny_checkpoint):
     out = logits(model, ids_for(model))
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_dtype_by_name_and_bad_dtype_or_device_named(tiny_checkpoint):
+    folder = tiny_checkpoint("llada")
+    assert {p.dtype for p in load_model(folder, dtype="bfloat16").parameters()} == {torch.bfloat16}
+    for bad in ("bf16", torch.int8):
+        with pytest.raises(ValueError, match="^dtype must be one of"):
+            load_model(folder, dtype=bad)
+    for bad in ("gpu", "cuda:7" if torch.cuda.is_available() else "cuda"):
+        with pytest.raises(ValueError, match="^device "):
+            AutoD2FModel.from_pretrained(folder, device=bad)
 
 
 def test_load_to_device(device, tiny_checkpoint):
@@ -239,6 +251,13 @@ def test_missing_tensor(ckpt):
     _rewrite(shard(ckpt), lambda t: t.pop(victim))
     with pytest.raises(CheckpointError, match=f"lacks tensors: {victim}"):
         load_model(str(ckpt))
+
+
+def test_saved_rope_frequencies_are_skipped(ckpt):
+    expected = logits(load_model(str(ckpt)), ids_for(load_model(str(ckpt))))
+    _rewrite(shard(ckpt), lambda t: t.update({"model.transformer.blocks.0.rotary_emb.inv_freq": torch.ones(4)}))
+    model = load_model(str(ckpt))
+    assert torch.equal(logits(model, ids_for(model)), expected)
 
 
 def test_unexpected_tensor(ckpt):

@@ -16,7 +16,7 @@ def vanilla_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
                    block_size: int = 32, steps: int = 128) -> DecodeOutput:
     """Each block gets steps // (max_new_tokens // block_size) steps; a step decodes the block's
     most confident masked positions, as many as spread its masks evenly over its steps."""
-    if block_size <= 0 or max_new_tokens % block_size:
+    if block_size <= 0 or max_new_tokens <= 0 or max_new_tokens % block_size:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be a positive multiple of "
                          f"block_size ({block_size})")
     num_blocks = max_new_tokens // block_size

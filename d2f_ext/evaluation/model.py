@@ -18,7 +18,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 
 from ..auto import AutoD2FModel, load_generation_config
-from ..cli import DTYPES, check_device
+from ..models.loading import DTYPES, check_device
 from ..config import D2FConfig
 from ..generate import DECODERS
 from ..models import ModelConfig, check_adapter, model_for_config

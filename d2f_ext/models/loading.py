@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+from typing import Union
 
 import torch
 from safetensors import safe_open
@@ -20,10 +21,34 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(ValueError):
     """A checkpoint or adapter whose content does not fit the model."""
+
+
+def check_device(name: str, arg: str = "--device") -> torch.device:
+    """The device, or a ValueError naming ``arg`` (the caller's name for the setting) when it
+    does not exist on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"{arg} {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{arg} {name}: no CUDA GPU is available on this machine (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{arg} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_dtype(dtype, arg: str = "dtype") -> torch.dtype:
+    """One of :data:`DTYPES`, given as the torch dtype or its name; else a ValueError naming ``arg``."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"{arg} must be one of {sorted(DTYPES)} (a name or the torch dtype), got {dtype!r}")
 
 
 def model_for_config(config: ModelConfig) -> DiffusionLM:
@@ -73,7 +98,7 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(model.get_submodule(owner), leaf, nn.Parameter(value))
 
 
-def load_model(folder: str, dtype: torch.dtype = torch.float32, device="cpu") -> DiffusionLM:
+def load_model(folder: str, dtype: Union[torch.dtype, str] = torch.float32, device="cpu") -> DiffusionLM:
     """The LLaDA or Dream model of a checkpoint folder (config.json + model.safetensors, or
     shards with model.safetensors.index.json), in ``dtype`` on ``device``, in eval mode.
 
@@ -81,6 +106,7 @@ def load_model(folder: str, dtype: torch.dtype = torch.float32, device="cpu") ->
     turn, so that peak memory stays near one copy of the weights.
     """
     folder = os.fspath(folder)
+    dtype, device = check_dtype(dtype), check_device(str(device), "device")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     config = ModelConfig.from_file(folder)
@@ -94,7 +120,9 @@ def load_model(folder: str, dtype: torch.dtype = torch.float32, device="cpu") ->
     for path in files:
         with _open(path) as f:
             for name in f.keys():
-                if name in ignored:
+                # Older Qwen2/LLaMA-style exports also save RoPE's frequencies, a buffer computed
+                # from config.json; transformers skips them too.
+                if name in ignored or name.endswith("rotary_emb.inv_freq"):
                     continue
                 if name not in expected:
                     raise CheckpointError(f"unexpected tensor {name!r} in {path}: not a parameter of "

@@ -8,7 +8,8 @@ import sys
 import torch
 
 from ..auto import AutoD2FModel
-from ..cli import DEFAULT_MODEL, DTYPES, check_device
+from ..cli import DEFAULT_MODEL
+from ..models.loading import DTYPES, check_device
 from .server import build_app, model_name
 
 
