@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from d2f_bench.tiny import write_tiny_checkpoint
 from d2f_ext import AutoD2FModel
+from d2f_ext.auto import load_tokenizer
 from d2f_ext.models import CheckpointError, ModelConfig, load_adapter, load_model
 
 
@@ -60,6 +61,30 @@ def test_dtype_by_name_and_bad_dtype_or_device_named(tiny_checkpoint):
     for bad in ("gpu", "cuda:7" if torch.cuda.is_available() else "cuda"):
         with pytest.raises(ValueError, match="^device "):
             AutoD2FModel.from_pretrained(folder, device=bad)
+
+
+@pytest.mark.parametrize("arch", ["dream", "llada"])
+def test_tokenizer_shipped_as_code_is_never_run(arch, tmp_path):
+    """Dream ships DreamTokenizer as code beside vocab.json and merges.txt: it loads as Qwen2's
+    tokenizer without running that code (transformers would ask to); another architecture with
+    a code-only tokenizer is a clear error."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the cat sat on the mat", "one two three"] * 10, vocab_size=280,
+                            special_tokens=["<|endoftext|>", "<|mask|>"])
+    bpe.save_model(str(tmp_path))
+    (tmp_path / "tokenization_dream.py").write_text("raise RuntimeError('checkpoint code ran')\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "DreamTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "eos_token": "<|endoftext|>", "mask_token": "<|mask|>"}))
+    if arch == "llada":
+        with pytest.raises(ValueError, match="does not run"):
+            load_tokenizer(tmp_path, arch)
+        return
+    tok = load_tokenizer(tmp_path, arch)
+    assert tok.decode(tok("the cat sat")["input_ids"]) == "the cat sat"
+    assert tok.mask_token == "<|mask|>" and tok.eos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
 
 
 def test_load_to_device(device, tiny_checkpoint):
