@@ -187,6 +187,23 @@ def test_adapter_bad_files(tiny_checkpoint, tmp_path):
         load_adapter(model, str(tmp_path))
 
 
+def test_adapter_config_errors_are_named(tiny_checkpoint, tmp_path):
+    model = load_model(tiny_checkpoint("llada"))
+    make_adapter(model, str(tmp_path), "llada")
+    path = tmp_path / "adapter_config.json"
+    good = path.read_text()
+    cfg = json.loads(good)
+    for text, match in ((good[:-5], "not valid JSON"), (json.dumps({k: v for k, v in cfg.items() if k != "r"}), "positive r"),
+                        (json.dumps({**cfg, "lora_alpha": "16"}), "positive lora_alpha")):
+        path.write_text(text)
+        with pytest.raises(CheckpointError, match=match):
+            load_adapter(model, str(tmp_path))
+    path.write_text(good)
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="holds no LoRA weights"):
+        load_adapter(model, str(tmp_path))
+
+
 def test_adapter_unsupported_options(tiny_checkpoint, tmp_path):
     model = load_model(tiny_checkpoint("llada"))
     make_adapter(model, str(tmp_path), "llada")
@@ -305,6 +322,16 @@ def test_config_llada_mask_default_and_unsupported():
     cfg = llada_config(130000, 126336, 126081, 128, 2, 2, 1, 256, 64, False)
     del cfg["mask_token_id"]
     assert ModelConfig.from_dict(cfg).mask_token_id == 126336
-    cfg["alibi"] = True
-    with pytest.raises(ValueError, match="alibi"):
-        ModelConfig.from_dict(cfg)
+    for key, value in (("alibi", True), ("clip_qkv", 8.0)):
+        with pytest.raises(ValueError, match=f"{key}={value}"):
+            ModelConfig.from_dict({**cfg, key: value})
+
+
+def test_config_dream_head_dim_must_match_the_heads(tmp_path):
+    folder = write_tiny_checkpoint(str(tmp_path), arch="dream", tokenizer=False)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert ModelConfig.from_dict({**cfg, "head_dim": head_dim}).head_dim == head_dim
+    with pytest.raises(ValueError, match="head_dim=8 is not supported"):
+        ModelConfig.from_dict({**cfg, "head_dim": 8})

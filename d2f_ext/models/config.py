@@ -107,7 +107,7 @@ def _llada(d: dict) -> ModelConfig:
         "attention_layer_norm": lambda v: not v, "input_emb_norm": lambda v: not v,
         "scale_logits": lambda v: not v, "layer_norm_with_affine": bool,
         "bias_for_layer_norm": lambda v: not v, "multi_query_attention": lambda v: not v,
-        "block_group_size": lambda v: v == 1,
+        "block_group_size": lambda v: v == 1, "clip_qkv": lambda v: v is None,
     })
     heads = int(_need(d, "n_heads", "llada"))
     mask = d.get("mask_token_id")
@@ -140,6 +140,10 @@ def _dream(d: dict) -> ModelConfig:
         "rope_scaling": lambda v: v is None,
     })
     heads = int(_need(d, "num_attention_heads", "dream"))
+    head_dim = d.get("head_dim")
+    if head_dim is not None and head_dim * heads != int(_need(d, "hidden_size", "dream")):
+        raise ValueError(f"dream config option head_dim={head_dim!r} is not supported: it must be "
+                         f"hidden_size / num_attention_heads")
     cfg = ModelConfig(
         arch="dream",
         vocab_size=int(_need(d, "vocab_size", "dream")),

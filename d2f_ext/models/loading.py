@@ -157,8 +157,16 @@ def _read_adapter(folder: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {folder}")
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {folder} (only safetensors adapters are loaded)")
-    with open(config_path, encoding="utf-8") as f:
-        acfg = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            acfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(acfg, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(acfg.get(key), (int, float)) or isinstance(acfg.get(key), bool) or acfg[key] <= 0:
+            raise CheckpointError(f"{ADAPTER_CONFIG} needs a positive {key}, got {acfg.get(key)!r}")
     if acfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"adapter type {acfg.get('peft_type')!r} is not supported (LoRA only)")
     for option in ("use_dora", "lora_bias", "modules_to_save"):
@@ -171,6 +179,8 @@ def _read_adapter(folder: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]
             if m is None:
                 raise CheckpointError(f"adapter tensor {key!r} is not a LoRA A/B weight")
             pairs.setdefault(m[1], {})[m[2]] = _get(f, weights_path, key)
+    if not pairs:
+        raise CheckpointError(f"{weights_path} holds no LoRA weights")
     return acfg, pairs
 
 
