@@ -69,8 +69,10 @@ def test_each_parameter_set_as_one_left_padded_batch(conformance, decoder):
         width = max(len(r["prompt"]) for r in runs)
         ids = torch.tensor([[pad] * (width - len(r["prompt"])) + r["prompt"] for r in runs])
         mask = torch.tensor([[0] * (width - len(r["prompt"])) + [1] * len(r["prompt"]) for r in runs])
+        # generate's max_new_tokens is transformers' exact bound; the authors' loop decodes the
+        # whole blocks within its own (gen_len).
         out = model.generate(ids, attention_mask=mask, decoder=decoder, return_dict_in_generate=True,
-                             max_new_tokens=runs[0]["max_new_tokens"], **runs[0]["params"])
+                             max_new_tokens=_config(runs[0]).gen_len, **runs[0]["params"])
         for i, run in enumerate(runs):
             new = out.sequences[i, width:].tolist()
             n = int(out.new_tokens[i])
