@@ -50,7 +50,7 @@ def test_writes_the_solution_format_on_held_out_problems(model):
 # split, never trained on) that the shipped model answers: a regression test of the artifact.
 README_QUESTION = ("Ava has 14 stickers. Ava gets 8 more stickers and then gives 10 of them away. "
                    "How many stickers does Ava have now?", 12)
-HELD_OUT = [task_math.problems("test", 12, seed=1, level="small")[i] for i in (0, 2, 4, 5, 7, 8)]
+HELD_OUT = [task_math.problems("test", 12, seed=1, level="small")[i] for i in (0, 1, 3, 5, 7, 10)]
 
 
 def test_answers_fixed_questions_right(model):

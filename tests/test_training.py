@@ -43,6 +43,8 @@ def test_answers_parse_and_match(level):
         assert p.solution.endswith(f"The answer is {p.answer}.")
         assert task_math.answer_of(p.solution) == p.answer
         assert p.answer >= 0
+        # steps_right divides with floor, so an uneven division would pass the checks above.
+        assert all(int(x) % int(y) == 0 for x, op, y, _ in task_math.STEP_RE.findall(p.solution) if op == "/")
     assert task_math.answer_of("no answer here") is None
     assert task_math.answer_of("so The answer is 12 and The answer is 7") == 12
 

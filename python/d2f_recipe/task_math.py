@@ -139,11 +139,9 @@ def _change(r: random.Random, small: bool) -> Problem:
 
 def _three_steps(r: random.Random, small: bool) -> Problem:
     place, obj = r.choice(PLACES), r.choice(OBJECTS)
-    # a + b >= 2 * d: what is left after adjusting c below stays non-negative.
     a, b, d = _num(r, small, (20, 500), (5, 20)), _num(r, small, (10, 300), (5, 20)), r.randint(2, 5)
     c = r.randint(0, a + b)
-    c -= (a + b - c) % d  # what is left must split evenly
-    c += d if c < 0 else 0  # same remainder, still at most a + b since a + b > d
+    c += (a + b - c) % d  # what is left splits evenly; c stays within [0, a + b]
     x, s1 = _step(a, "+", b)
     y, s2 = _step(x, "-", c)
     z, s3 = _step(y, "/", d)
