@@ -37,7 +37,7 @@ class D2FConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not _is_int(self.block_size) or self.block_size <= 0:
+        if not is_int(self.block_size) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         for name in ("block_add_threshold", "decoded_token_threshold", "skip_threshold"):
             value = getattr(self, name)
@@ -46,17 +46,17 @@ class D2FConfig:
         if self.sampling_strategy not in L.CONFIDENCES:
             raise ValueError(f"sampling_strategy must be one of {sorted(L.CONFIDENCES)}, "
                              f"got {self.sampling_strategy!r}")
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not (_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 0):
             raise ValueError(f"top_k must be a non-negative integer or None, got {self.top_k!r}")
         if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         # No None: from_generation_config resolves an unset seed, and the decoders add the step
         # count to it.
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     @property
@@ -94,7 +94,8 @@ class D2FConfig:
         return cls(**{**kwargs, "block_add_threshold": 1.0})
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """An int and not a bool, for counts and ids."""
     return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, not a count
 
 

@@ -34,7 +34,7 @@ import torch
 
 from . import layout as L
 from . import ops
-from .config import D2FConfig
+from .config import D2FConfig, is_int
 from .decoding.common import DecodeOutput, check_prompts
 from .models import KVCache
 from .pipeline import init_rows, num_blocks_for, window_block_ids
@@ -57,7 +57,7 @@ class EngineConfig:
     def __post_init__(self):
         for name in ("max_batch", "max_len", "block_size", "sync_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import D2FConfig
+from ..config import D2FConfig, is_int
 from ..engine import Engine
 
 
@@ -75,9 +75,9 @@ class EngineLoop:
     decoding ones (a request counts until its route releases it)."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, threads: Optional[int] = None):
-        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
+        if not is_int(max_queue) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        if threads is not None and (not is_int(threads) or threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         self.engine = engine
         self.threads = torch.get_num_threads() if threads is None else threads
