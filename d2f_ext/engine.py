@@ -67,8 +67,8 @@ _ids = itertools.count()
 @dataclasses.dataclass(eq=False)
 class Request:
     """One prompt being decoded. ``output`` grows as tokens become final (never changes once
-    there): the generated tokens before the first EOS, cut after the token that completes a stop
-    string, and at ``max_tokens``. ``finish_reason``: "stop" (EOS or a stop string), "length"
+    there): the generated tokens before the first EOS (``eos_id`` or one of ``stop_token_ids``),
+    cut after the token that completes a stop string, and at ``max_tokens``. ``finish_reason``: "stop" (EOS or a stop string), "length"
     (max_new_tokens or max_tokens reached, or the row ended without an EOS), "abort" (cancelled);
     None while running."""
 
@@ -77,6 +77,10 @@ class Request:
     eos_id: Optional[int]
     stop: tuple[str, ...] = ()
     max_tokens: Optional[int] = None  # at most this many output tokens (a server's max_tokens)
+    # More ids that end the output as EOS does (transformers' list eos_token_id, vLLM's
+    # stop_token_ids). The kernels pipeline on eos_id alone; the row ends once the output
+    # reaches one of these.
+    stop_token_ids: tuple[int, ...] = ()
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     output: list[int] = dataclasses.field(default_factory=list)
     generated: Optional[list[int]] = None  # the whole generation region once finished
@@ -91,11 +95,16 @@ class Request:
         return self.finish_reason is not None
 
     @property
-    def hit_eos(self) -> bool:
-        """Whether the output ended at a decoded EOS (which it does not include)."""
-        g = self.generated
-        return (self.eos_id is not None and self.stop_string is None and g is not None
-                and len(self.output) < len(g) and g[len(self.output)] == self.eos_id)
+    def end_token(self) -> Optional[int]:
+        """The decoded EOS (``eos_id`` or one of ``stop_token_ids``) the output ended at, which
+        it does not include; None when it ended otherwise."""
+        g, n = self.generated, len(self.output)
+        if self.stop_string is None and g is not None and n < len(g) and g[n] in self.end_ids():
+            return g[n]
+        return None
+
+    def end_ids(self) -> tuple[int, ...]:
+        return self.stop_token_ids if self.eos_id is None else (self.eos_id, *self.stop_token_ids)
 
 
 @dataclasses.dataclass
@@ -146,11 +155,13 @@ class Engine:
     # --- requests ---------------------------------------------------------------------------
 
     def add_request(self, prompt: Sequence[int], cfg: D2FConfig, *, eos_id: Optional[int] = None,
-                    stop: Sequence[str] = (), max_tokens: Optional[int] = None) -> Request:
+                    stop: Sequence[str] = (), max_tokens: Optional[int] = None,
+                    stop_token_ids: Sequence[int] = ()) -> Request:
         """Queue a prompt (real token ids) to decode with ``cfg``; it joins a row at the next
         step that finds one free. stop: strings that end the request once its text holds one
         (needs the engine's tokenizer). max_tokens: end it after that many output tokens, for a
-        budget that is not a whole number of blocks (cfg's canvas must cover it)."""
+        budget that is not a whole number of blocks (cfg's canvas must cover it).
+        stop_token_ids: more token ids that end the output as ``eos_id`` does."""
         mc = self.model.config
         if not isinstance(cfg, D2FConfig):
             raise TypeError(f"cfg must be a D2FConfig, got {type(cfg).__name__}")
@@ -169,7 +180,11 @@ class Engine:
         eos = mc.eos_token_id if eos_id is None else int(eos_id)
         if eos is not None and eos >= mc.vocab_size:
             raise ValueError(f"eos_id must be below the vocabulary size {mc.vocab_size} (negative: none), got {eos}")
-        request = Request(prompt, cfg, eos, stop, max_tokens)
+        stop_ids = tuple(stop_token_ids)
+        if any(not is_int(t) or not 0 <= t < mc.vocab_size or t == mc.mask_token_id for t in stop_ids):
+            raise ValueError(f"stop_token_ids must be token ids below the vocabulary size {mc.vocab_size}, "
+                             f"other than the mask token {mc.mask_token_id}, got {stop_token_ids!r}")
+        request = Request(prompt, cfg, eos, stop, max_tokens, tuple(int(t) for t in stop_ids))
         self.waiting.append(request)
         return request
 
@@ -225,13 +240,15 @@ class Engine:
 
     def decode(self, prompts: Sequence[Sequence[int]], cfg: D2FConfig, *, eos_id: Optional[int] = None,
                stop: Sequence[str] = (), on_step: Optional[Callable[[list[StepOutput]], None]] = None,
-               max_tokens: Optional[int] = None) -> tuple[DecodeOutput, list[Request]]:
+               max_tokens: Optional[int] = None, stop_token_ids: Sequence[int] = ()
+               ) -> tuple[DecodeOutput, list[Request]]:
         """Decode every prompt to its end (more prompts than rows take turns); on_step gets each
-        step's outputs, for streaming; max_tokens as in :meth:`add_request`."""
+        step's outputs, for streaming; max_tokens and stop_token_ids as in :meth:`add_request`."""
         requests = []
         try:
             for p in prompts:
-                requests.append(self.add_request(p, cfg, eos_id=eos_id, stop=stop, max_tokens=max_tokens))
+                requests.append(self.add_request(p, cfg, eos_id=eos_id, stop=stop, max_tokens=max_tokens,
+                                                 stop_token_ids=stop_token_ids))
             while not all(r.finished for r in requests):
                 outputs = self.step()
                 if on_step is not None:
@@ -454,7 +471,7 @@ class Engine:
             n = len(r.prompt)
             gen = row[n: n + r.cfg.gen_len]
             final = gen.index(mask) if mask in gen else len(gen)
-            eos_at = gen.index(r.eos_id, 0, final) if r.eos_id is not None and r.eos_id in gen[:final] else -1
+            eos_at = _first_of(gen, r.end_ids(), len(r.output), final)
             new = gen[len(r.output): eos_at if eos_at >= 0 else final]
             stopped = None
             if r.stop and new:
@@ -467,7 +484,9 @@ class Engine:
                 new = new[: r.max_tokens - len(r.output)]
             r.output.extend(new)
             r.forwards = forwards
-            if stopped is not None or finished or capped:
+            # The kernels end a row at eos_id; at another end token the output is complete too.
+            at_stop_token = eos_at >= 0 and gen[eos_at] != r.eos_id and len(r.output) == eos_at
+            if stopped is not None or finished or capped or at_stop_token:
                 r.generated = gen
                 # An EOS ends it ("stop") only when the output reached it, not when cut before.
                 reached_eos = eos_at >= 0 and len(r.output) == eos_at
@@ -510,6 +529,12 @@ def first_stop(tokens: list[int], stop: Sequence[str], tokenizer, start: int = 0
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if found(mid) is not None else (mid + 1, hi)
     return lo, found(lo)
+
+
+def _first_of(tokens: list[int], ids: Sequence[int], start: int, end: int) -> int:
+    """The first index in [start, end) of any of ``ids`` in ``tokens``, or -1."""
+    found = [tokens.index(t, start, end) for t in ids if t in tokens[start:end]]
+    return min(found, default=-1)
 
 
 def _localise(groups: list[list[Request]], index: dict[int, int], batch: int, device):

@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 
 from .config import D2FConfig
 from .decoding import DECODERS, check_steps, decode
-from .decoding.common import split_padded
+from .decoding.common import split_eos, split_padded
 from .engine import canvas_for, engine_for, first_stop
 
 _D2F_FIELDS = {f.name for f in dataclasses.fields(D2FConfig)}
@@ -99,9 +99,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             raise ValueError(f"max_length ({max_length}) must exceed the input length ({input_ids.shape[1]})")
     eos = kwargs.pop("eos_token_id", None)
     eos = get("eos_token_id") if eos is None else eos
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    eos = model.config.eos_token_id if eos is None else int(eos)
+    # A list (Llama 3, LLaDA-Instruct) ends a row at any of its ids: the first is the EOS the
+    # kernels pipeline on, the others end the output as it does.
+    eos, stop_ids = split_eos(eos)
+    if eos is None:
+        eos, stop_ids = split_eos(model.config.eos_token_id)
     pad = kwargs.pop("pad_token_id", None)
     pad = get("pad_token_id") if pad is None else pad
     pad = model.config.pad_token_id if pad is None else int(pad)
@@ -138,25 +140,27 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                 for o in outputs:
                     if o.request in others:
                         continue
-                    tail = [eos] if o.finished and o.request.hit_eos else []
+                    end = o.request.end_token if o.finished else None
+                    tail = [] if end is None else [end]
                     if o.new_tokens or tail:
                         streamer.put(torch.tensor(o.new_tokens + tail))
-        out, requests = engine.decode(prompts, cfg, eos_id=eos, stop=stop, on_step=on_step, max_tokens=bound)
+        out, requests = engine.decode(prompts, cfg, eos_id=eos, stop=stop, on_step=on_step, max_tokens=bound,
+                                      stop_token_ids=stop_ids)
         rows = [r.output for r in requests]
-        hit = [r.hit_eos for r in requests]
+        ends = [r.end_token for r in requests]
     else:
         out = decode(model, prompts, cfg, decoder=decoder, eos_id=eos, steps=steps)
-        rows = out.tokens_before_eos(eos)
-        hit = [eos is not None and len(r) < bound and int(out.generated[i, len(r)]) == eos
-               for i, r in enumerate(rows)]
+        rows = out.tokens_before_eos(eos, stop_ids)
+        # A row shorter than its region stopped at an end token.
+        ends = [g[len(r)] if len(r) < min(bound, len(g)) else None for g, r in zip(out.generated.tolist(), rows)]
         rows = [r[:bound] for r in rows]
         if stop:  # these decoders run to the end: the rows are cut afterwards
             cuts = [first_stop(r, stop, tokenizer) for r in rows]
-            hit = [h and c is None for h, c in zip(hit, cuts)]
+            ends = [e if c is None else None for e, c in zip(ends, cuts)]
             rows = [r if c is None else r[:c[0]] for r, c in zip(rows, cuts)]
         if streamer is not None:
-            streamer.put(torch.tensor(rows[0] + ([eos] if hit[0] else [])))
-    new_rows = [r + ([eos] if h else []) for r, h in zip(rows, hit)]
+            streamer.put(torch.tensor(rows[0] + ([] if ends[0] is None else [ends[0]])))
+    new_rows = [r + ([] if e is None else [e]) for r, e in zip(rows, ends)]
     width = max(len(r) for r in new_rows)
     new = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, r in enumerate(new_rows):

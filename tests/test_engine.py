@@ -200,7 +200,7 @@ def test_max_tokens_ends_a_request_inside_its_canvas(model):
     while engine.has_work():
         engine.step()
     assert cut.output == full.output[:7] and len(full.output) == 12
-    assert (cut.finish_reason, full.finish_reason) == ("length", "length") and not cut.hit_eos
+    assert (cut.finish_reason, full.finish_reason) == ("length", "length") and cut.end_token is None
 
 def test_stream_of_outputs_is_the_final_text_in_order(model):
     rng = random.Random(9)
@@ -244,3 +244,27 @@ def test_steps_build_no_autograd_graph(model, monkeypatch):
     monkeypatch.setattr(model, "head", lambda h: seen.append(inner(h)) or seen[-1])
     engine.step()
     assert seen and not any(t.requires_grad for t in seen)
+
+
+def _first_new_token(tokens: list[int], at_least: int) -> tuple[int, int]:
+    """(index, token) of the first token from ``at_least`` on that does not occur before it."""
+    k = next(i for i in range(at_least, len(tokens)) if tokens[i] not in tokens[:i])
+    return k, tokens[k]
+
+
+def test_stop_token_ids_end_a_request_as_eos_does(model):
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=40, block_size=4))
+    cfg = D2FConfig(block_size=4, skip_threshold=0.5, max_new_tokens=16)
+    full = engine.add_request([5, 6, 7], cfg, eos_id=-1)
+    while engine.has_work():
+        engine.step()
+    k, token = _first_new_token(full.output, 2)
+    cut = engine.add_request([5, 6, 7], cfg, eos_id=-1, stop_token_ids=[token])
+    while engine.has_work():
+        engine.step()
+    assert cut.output == full.output[:k]
+    assert (cut.finish_reason, cut.end_token, full.end_token) == ("stop", token, None)
+    assert cut.forwards <= full.forwards
+    for bad in ([model.config.vocab_size], [model.config.mask_token_id], [True], ["7"]):
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            engine.add_request([5, 6, 7], cfg, stop_token_ids=bad)

@@ -412,3 +412,26 @@ def test_streamer_prints_only_its_own_calls_tokens(model):
     assert model.d2f_engine is engine and other.output  # it decoded during the call
     text = model.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert buf.getvalue().strip() == text.strip() and text.strip()
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_checkpoint):
+    """A tiny model whose outputs change token within the first blocks."""
+    return AutoD2FModel.from_pretrained(tiny_checkpoint("dream", seed=3))
+
+
+DECODER_SETTINGS = {"d2f": KW, "reference": KW, "fast-dllm": dict(block_size=4, skip_threshold=0.5),
+                    "vanilla": dict(block_size=4)}
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODER_SETTINGS))
+def test_a_list_of_eos_ids_ends_rows_at_any_of_them(varied, decoder):
+    """transformers' list eos_token_id: a row ends at the first of any, which it keeps."""
+    prompt, kw = torch.tensor([[5, 6, 7, 8, 9]]), DECODER_SETTINGS[decoder]
+    full = varied.generate(prompt, max_new_tokens=16, decoder=decoder, eos_token_id=-1, **kw)[0, 5:].tolist()
+    k = next(i for i in range(2, len(full)) if full[i] not in full[:i])
+    got = varied.generate(prompt, max_new_tokens=16, decoder=decoder, eos_token_id=[-1, full[k]],
+                          return_dict_in_generate=True, **kw)
+    assert got.sequences[0, 5:].tolist() == full[:k + 1] and int(got.new_tokens[0]) == k
+    with pytest.raises(ValueError, match="eos_token_id must be a token id or a list of them"):
+        varied.generate(prompt, max_new_tokens=16, decoder=decoder, eos_token_id=[full[k], "x"], **kw)

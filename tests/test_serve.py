@@ -4,6 +4,7 @@ bad input answered with OpenAI's error shape while the server stays up; a full q
 that disconnects mid-stream freeing its row."""
 
 import asyncio
+import copy
 import json
 import random
 import threading
@@ -106,6 +107,22 @@ def test_chat_equals_generate_alone(model, client):
                                                                       u.prompt_tokens + n)
     assert u.model_extra["forwards"] == forwards
     assert u.model_extra["tokens_per_forward"] == pytest.approx(n / forwards, abs=1e-3)
+
+
+def test_a_list_of_eos_ids_in_the_generation_config_ends_at_any(model, monkeypatch):
+    question = _question(random.Random(0))
+    ids = _chat_ids(model, question)
+    full = model.generate(torch.tensor([ids]))[0, len(ids):].tolist()
+    stop_id = model.tokenizer.convert_tokens_to_ids("▁=")
+    k = full.index(stop_id)
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id = [model.config.eos_token_id, stop_id]
+    monkeypatch.setattr(model, "generation_config", gc)
+    with BackgroundServer(build_app(model, name=NAME, max_batch=1, max_queue=0)) as s:
+        with openai.OpenAI(base_url=s.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0) as c:
+            r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}])
+    assert r.choices[0].message.content == model.tokenizer.decode(full[:k], skip_special_tokens=True)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("stop", k)
 
 
 def test_streams_add_up_to_the_whole_completion(model, client):

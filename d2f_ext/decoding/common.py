@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import operator
+from typing import Optional, Sequence
 
 import torch
 
@@ -17,11 +18,29 @@ class DecodeOutput:
     generated: torch.Tensor
     forwards: torch.Tensor
 
-    def tokens_before_eos(self, eos_id: int) -> list[list[int]]:
+    def tokens_before_eos(self, eos_id: Optional[int], stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Each row's tokens before its first ``eos_id`` or ``stop_token_ids`` token."""
+        ends = set(stop_token_ids) | ({eos_id} - {None})
         out = []
         for row in self.generated.tolist():
-            out.append(row[: row.index(eos_id)] if eos_id in row else row)
+            out.append(row[: next((i for i, t in enumerate(row) if t in ends), len(row))])
         return out
+
+
+def split_eos(eos_token_id) -> tuple[Optional[int], tuple[int, ...]]:
+    """(the EOS id the kernels pipeline on, the further ids that end the output as it does) of
+    an ``eos_token_id`` setting, which transformers allows to be an id, a list of ids or None."""
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.reshape(-1).tolist()
+    ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    ids = [t for t in ids if t is not None]
+    # True is an int to Python, not a token id.
+    if any(isinstance(t, bool) or not hasattr(type(t), "__index__") for t in ids):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+    ids = [operator.index(t) for t in ids]
+    if not ids:
+        return None, ()
+    return ids[0], tuple(t for t in dict.fromkeys(ids[1:]) if t != ids[0])
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], mask_id: int, vocab: int,

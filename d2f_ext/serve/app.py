@@ -48,7 +48,8 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
         cfg, bound = decoding_config(info, req, len(ids), max_tokens, max_tokens_param)
         stop = stop_strings(req)
         try:
-            return engine_loop.submit(ids, cfg, stop=stop, eos_id=info.eos_id, max_tokens=bound)
+            return engine_loop.submit(ids, cfg, stop=stop, eos_id=info.eos_id, max_tokens=bound,
+                                      stop_token_ids=info.stop_token_ids)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full") from None
         except EngineDown as e:

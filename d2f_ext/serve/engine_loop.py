@@ -45,8 +45,10 @@ class Handle:
     """A submitted request as its route sees it: ``events`` yields its Events in order."""
 
     def __init__(self, prompt: list[int], cfg: D2FConfig, stop: tuple[str, ...], eos_id: Optional[int],
-                 loop: asyncio.AbstractEventLoop, max_tokens: Optional[int] = None):
+                 loop: asyncio.AbstractEventLoop, max_tokens: Optional[int] = None,
+                 stop_token_ids: tuple[int, ...] = ()):
         self.prompt, self.cfg, self.stop, self.eos_id, self.max_tokens = prompt, cfg, stop, eos_id, max_tokens
+        self.stop_token_ids = stop_token_ids
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.request = None  # the engine's Request, set on the engine thread
@@ -108,7 +110,7 @@ class EngineLoop:
 
     def submit(self, prompt: Sequence[int], cfg: D2FConfig, *, stop: Sequence[str] = (),
                eos_id: Optional[int] = None, loop: Optional[asyncio.AbstractEventLoop] = None,
-               max_tokens: Optional[int] = None) -> Handle:
+               max_tokens: Optional[int] = None, stop_token_ids: Sequence[int] = ()) -> Handle:
         """Queue a validated request; raises QueueFull when the server holds ``capacity`` already,
         EngineDown once the engine is down."""
         if self.down is not None:
@@ -118,7 +120,8 @@ class EngineLoop:
                 raise QueueFull(f"the server holds {self._outstanding} requests, its limit "
                                 f"(--max-batch + --max-queue); retry later")
             self._outstanding += 1
-        handle = Handle(list(prompt), cfg, tuple(stop), eos_id, loop or asyncio.get_running_loop(), max_tokens)
+        handle = Handle(list(prompt), cfg, tuple(stop), eos_id, loop or asyncio.get_running_loop(), max_tokens,
+                        tuple(stop_token_ids))
         self._commands.put(("add", handle))
         return handle
 
@@ -196,7 +199,7 @@ class EngineLoop:
                 return
             try:
                 r = self.engine.add_request(handle.prompt, handle.cfg, eos_id=handle.eos_id, stop=handle.stop,
-                                            max_tokens=handle.max_tokens)
+                                            max_tokens=handle.max_tokens, stop_token_ids=handle.stop_token_ids)
             except Exception as e:  # this request fails, not the thread every client waits on
                 handle._deliver(Event((), "error", error=f"the engine refused the request: {type(e).__name__}: {e}"))
                 return

@@ -30,7 +30,8 @@ class ModelInfo:
     max_len: int  # positions per row: prompt + generation
     vocab_size: int
     mask_token_id: int
-    eos_id: Optional[int]
+    eos_id: Optional[int]  # None: the model's
+    stop_token_ids: tuple[int, ...] = ()  # more ids that end the output (generation_config's list)
 
 
 def prompt_ids(info: ModelInfo, prompt: Union[str, list[int]], param: str) -> list[int]:

@@ -10,6 +10,7 @@ import time
 from typing import Optional
 
 from ..config import D2FConfig
+from ..decoding.common import split_eos
 from ..engine import Engine, EngineConfig
 from .app import create_app
 from .engine_loop import EngineLoop
@@ -29,11 +30,10 @@ def build_app(model, *, name: Optional[str] = None, max_batch: int = 8, max_len:
     block_size = getattr(gc, "block_size", None) or D2FConfig.block_size
     length = mc.max_position_embeddings if max_len is None else max_len
     engine = Engine(model, EngineConfig(max_batch=max_batch, max_len=length, block_size=block_size))
-    eos = getattr(gc, "eos_token_id", None)
-    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    eos, stop_ids = split_eos(getattr(gc, "eos_token_id", None))
     info = ModelInfo(name=name or "d2f", tokenizer=model.tokenizer, generation_config=gc,
                      block_size=block_size, max_len=engine.max_len, vocab_size=mc.vocab_size,
-                     mask_token_id=mc.mask_token_id, eos_id=None if eos is None else int(eos))
+                     mask_token_id=mc.mask_token_id, eos_id=eos, stop_token_ids=stop_ids)
     return create_app(EngineLoop(engine, max_queue=max_queue, threads=threads), info)
 
 
