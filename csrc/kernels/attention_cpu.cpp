@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -66,6 +68,7 @@ struct Workspace {
     size_t m_at = take(rows_padded), l_at = take(rows_padded), a_at = take(rows_padded);
     size_t rb_at = take(rows_padded), kbid_at = take(kKeyTile);
     base = static_cast<float*>(std::aligned_alloc(64, n * sizeof(float)));
+    if (base == nullptr) throw std::bad_alloc();
     qt = base + qt_at; ot = base + ot_at; st = base + st_at; kb = base + kb_at; vb = base + vb_at;
     m = base + m_at; l = base + l_at; alpha = base + a_at;
     row_bid = reinterpret_cast<int32_t*>(base + rb_at);
@@ -266,6 +269,14 @@ int max_threads() {
 #endif
 }
 
+int thread_num() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 // Query tiles of every (row, kv head), each with the window keys its newest block can see.
 std::vector<Item> make_items(const AttentionParams& p) {
   const int G = p.heads / p.kv_heads;
@@ -320,11 +331,15 @@ void attention_typed(const AttentionParams& p) {
   for (const Item& it : items) max_rows = std::max(max_rows, (it.t1 - it.t0) * G);
   const int mp = (max_rows + kRowChunk - 1) / kRowChunk * kRowChunk;
   const int64_t n_items = static_cast<int64_t>(items.size());
-#pragma omp parallel if (n_items > 1)
+  const int threads = n_items > 1 ? max_threads() : 1;
+  // Made before the parallel region: an exception thrown inside one ends the process.
+  std::vector<std::unique_ptr<Workspace>> ws;
+  for (int t = 0; t < threads; ++t) ws.push_back(std::make_unique<Workspace>(D, mp));
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    Workspace ws(D, mp);
+    Workspace& w = *ws[thread_num()];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_items; ++i) fn(p, items[i], ws);
+    for (int64_t i = 0; i < n_items; ++i) fn(p, items[i], w);
   }
 }
 

@@ -11,6 +11,7 @@
 #endif
 
 #include "kernels/kernels.h"
+#include "ops/checks.h"
 
 namespace {
 
@@ -25,8 +26,8 @@ void check_threshold(double v, const char* name) {
   TORCH_CHECK(v >= 0.0 && v <= 1.0, "pipeline_step: ", name, " must be in [0, 1], got ", v);
 }
 
-// The state must be one init_rows made and pipeline_step advanced; on the CPU that is cheap to verify, and a bad one
-// (e.g. counts larger than the masks left) would otherwise corrupt the row silently.
+// The state must be one init_rows made and pipeline_step advanced; a bad one (e.g. counts larger than the
+// masks left) would otherwise corrupt the row silently. Cheap on the CPU, so always checked there.
 void check_state_cpu(const at::Tensor& rows, const at::Tensor& blocks, const at::Tensor& counts) {
   const int64_t B = rows.size(0), NB = blocks.size(2);
   const int32_t* r = rows.data_ptr<int32_t>();
@@ -98,6 +99,8 @@ void pipeline_step(const at::Tensor& rows, const at::Tensor& blocks, const at::T
   }
 #if defined(D2F_WITH_CUDA)
   TORCH_CHECK(rows.is_cuda(), "pipeline_step: rows must be on CPU or CUDA, got ", rows.device());
+  // On the GPU the check reads the state back (a sync per step), so only in debug mode.
+  if (d2f::checks::value_checks_on(rows)) check_state_cpu(rows.cpu(), blocks.cpu(), counts_c.cpu());
   const c10::cuda::CUDAGuard guard(rows.device());
   d2f::pipeline_step_cuda(p, at::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
