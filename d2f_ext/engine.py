@@ -68,9 +68,9 @@ _ids = itertools.count()
 class Request:
     """One prompt being decoded. ``output`` grows as tokens become final (never changes once
     there): the generated tokens before the first EOS (``eos_id`` or one of ``stop_token_ids``),
-    cut after the token that completes a stop string, and at ``max_tokens``. ``finish_reason``: "stop" (EOS or a stop string), "length"
-    (max_new_tokens or max_tokens reached, or the row ended without an EOS), "abort" (cancelled);
-    None while running."""
+    cut after the token that completes a stop string, and at ``max_tokens``. ``finish_reason``:
+    "stop" (EOS or a stop string), "length" (max_new_tokens or max_tokens reached, or the row
+    ended without an EOS), "abort" (cancelled); None while running."""
 
     prompt: list[int]
     cfg: D2FConfig
