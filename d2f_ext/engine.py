@@ -533,8 +533,9 @@ def first_stop(tokens: list[int], stop: Sequence[str], tokenizer, start: int = 0
 
 def _first_of(tokens: list[int], ids: Sequence[int], start: int, end: int) -> int:
     """The first index in [start, end) of any of ``ids`` in ``tokens``, or -1."""
-    found = [tokens.index(t, start, end) for t in ids if t in tokens[start:end]]
-    return min(found, default=-1)
+    ends = set(ids)
+    # Only the tokens made final since the last step are read: [start, end) is short.
+    return next((i for i in range(start, end) if tokens[i] in ends), -1)
 
 
 def _localise(groups: list[list[Request]], index: dict[int, int], batch: int, device):

@@ -109,20 +109,33 @@ def test_chat_equals_generate_alone(model, client):
     assert u.model_extra["tokens_per_forward"] == pytest.approx(n / forwards, abs=1e-3)
 
 
-def test_a_list_of_eos_ids_in_the_generation_config_ends_at_any(model, monkeypatch):
-    question = _question(random.Random(0))
+def _cut_at_first_equals(model, question: str) -> tuple[int, str, int]:
+    """(the id of " =", the completion's text before its first one, that many tokens)."""
     ids = _chat_ids(model, question)
     full = model.generate(torch.tensor([ids]))[0, len(ids):].tolist()
     stop_id = model.tokenizer.convert_tokens_to_ids("▁=")
     k = full.index(stop_id)
+    return stop_id, model.tokenizer.decode(full[:k], skip_special_tokens=True), k
+
+
+def test_stop_token_ids_end_the_completion(model, client):
+    question = _question(random.Random(0))
+    stop_id, text, k = _cut_at_first_equals(model, question)
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                       extra_body={"stop_token_ids": [stop_id]})
+    assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == (text, "stop", k)
+
+
+def test_a_list_of_eos_ids_in_the_generation_config_ends_at_any(model, monkeypatch):
+    question = _question(random.Random(0))
+    stop_id, text, k = _cut_at_first_equals(model, question)
     gc = copy.deepcopy(model.generation_config)
     gc.eos_token_id = [model.config.eos_token_id, stop_id]
     monkeypatch.setattr(model, "generation_config", gc)
     with BackgroundServer(build_app(model, name=NAME, max_batch=1, max_queue=0)) as s:
         with openai.OpenAI(base_url=s.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0) as c:
             r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}])
-    assert r.choices[0].message.content == model.tokenizer.decode(full[:k], skip_special_tokens=True)
-    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("stop", k)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == (text, "stop", k)
 
 
 def test_streams_add_up_to_the_whole_completion(model, client):
@@ -288,6 +301,12 @@ BAD = [
     ("top_p 0", "/v1/completions", {"model": NAME, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("n 2", "/v1/completions", {"model": NAME, "prompt": "hi", "n": 2}, 400, "n"),
     ("empty stop", "/v1/completions", {"model": NAME, "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("stop_token_ids past the vocabulary", "/v1/completions",
+     {"model": NAME, "prompt": "hi", "stop_token_ids": [10 ** 6]}, 400, "stop_token_ids"),
+    ("negative stop_token_ids", "/v1/completions", {"model": NAME, "prompt": "hi", "stop_token_ids": [-1]}, 400,
+     "stop_token_ids"),
+    ("stop_token_ids text", "/v1/completions", {"model": NAME, "prompt": "hi", "stop_token_ids": ["7"]}, 400,
+     "stop_token_ids"),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "hi"}, 404, None),
 ]
 

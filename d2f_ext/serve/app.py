@@ -14,7 +14,8 @@ from . import errors
 from .engine_loop import EngineDown, EngineLoop, Handle, QueueFull
 from .errors import APIError
 from .outputs import Delta, collect, deltas
-from .params import ModelInfo, chat_prompt_ids, decoding_config, prompt_ids, stop_strings, unsupported_fields
+from .params import (ModelInfo, chat_prompt_ids, decoding_config, prompt_ids, stop_strings, stop_token_ids,
+                     unsupported_fields)
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice,
                        CompletionRequest, CompletionResponse, ModelCard, ModelList, SamplingFields,
@@ -46,10 +47,10 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo) -> FastAPI:
                            "model", "model_not_found")
         unsupported_fields(req)
         cfg, bound = decoding_config(info, req, len(ids), max_tokens, max_tokens_param)
-        stop = stop_strings(req)
+        stop, stop_ids = stop_strings(req), stop_token_ids(info, req)
         try:
             return engine_loop.submit(ids, cfg, stop=stop, eos_id=info.eos_id, max_tokens=bound,
-                                      stop_token_ids=info.stop_token_ids)
+                                      stop_token_ids=stop_ids)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full") from None
         except EngineDown as e:

@@ -12,6 +12,7 @@ from .errors import APIError
 from .protocol import SamplingFields
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_TOKEN_IDS = 64  # each one is looked for in every step's new tokens
 # OpenAI fields this server does not implement, with the values that ask for nothing (which
 # clients may send explicitly).
 UNSUPPORTED = {"echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
@@ -121,3 +122,13 @@ def stop_strings(req: SamplingFields) -> tuple[str, ...]:
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings, got {list(stop)!r}", "stop")
     return stop
+
+
+def stop_token_ids(info: ModelInfo, req: SamplingFields) -> tuple[int, ...]:
+    """The model's further EOS ids, then the request's ``stop_token_ids``."""
+    ids = req.stop_token_ids or []
+    bad = [t for t in ids if not 0 <= t < info.vocab_size or t == info.mask_token_id]
+    if bad or len(ids) > MAX_STOP_TOKEN_IDS:
+        raise APIError(400, f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} token ids in [0, {info.vocab_size}) "
+                            f"other than the mask token {info.mask_token_id}, got {ids!r}", "stop_token_ids")
+    return tuple(dict.fromkeys((*info.stop_token_ids, *ids)))

@@ -29,6 +29,7 @@ class SamplingFields(BaseModel):
     top_p: Optional[float] = None
     seed: Optional[StrictInt] = None
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    stop_token_ids: Optional[list[StrictInt]] = None  # vLLM's extension: ids that end it as EOS does
     n: Optional[StrictInt] = None  # None: 1
     stream: Optional[bool] = None  # None: False
     stream_options: Optional[StreamOptions] = None
