@@ -12,7 +12,7 @@ from .errors import APIError
 from .protocol import SamplingFields
 
 MAX_STOP_STRINGS = 4  # as OpenAI
-MAX_STOP_TOKEN_IDS = 64  # each one is looked for in every step's new tokens
+MAX_STOP_TOKEN_IDS = 64  # a bound on what one request can make the engine hold
 # OpenAI fields this server does not implement, with the values that ask for nothing (which
 # clients may send explicitly).
 UNSUPPORTED = {"echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
