@@ -35,7 +35,7 @@ import torch
 from . import layout as L
 from . import ops
 from .config import D2FConfig, is_int
-from .decoding.common import DecodeOutput, check_prompts
+from .decoding.common import DecodeOutput, check_prompts, first_of
 from .models import KVCache
 from .pipeline import init_rows, num_blocks_for, window_block_ids
 
@@ -471,7 +471,8 @@ class Engine:
             n = len(r.prompt)
             gen = row[n: n + r.cfg.gen_len]
             final = gen.index(mask) if mask in gen else len(gen)
-            eos_at = _first_of(gen, r.end_ids(), len(r.output), final)
+            # Only the tokens made final since the last step are read: that span is short.
+            eos_at = first_of(gen, r.end_ids(), len(r.output), final)
             new = gen[len(r.output): eos_at if eos_at >= 0 else final]
             stopped = None
             if r.stop and new:
@@ -529,13 +530,6 @@ def first_stop(tokens: list[int], stop: Sequence[str], tokenizer, start: int = 0
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if found(mid) is not None else (mid + 1, hi)
     return lo, found(lo)
-
-
-def _first_of(tokens: list[int], ids: Sequence[int], start: int, end: int) -> int:
-    """The first index in [start, end) of any of ``ids`` in ``tokens``, or -1."""
-    ends = set(ids)
-    # Only the tokens made final since the last step are read: [start, end) is short.
-    return next((i for i in range(start, end) if tokens[i] in ends), -1)
 
 
 def _localise(groups: list[list[Request]], index: dict[int, int], batch: int, device):

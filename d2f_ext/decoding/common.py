@@ -20,11 +20,18 @@ class DecodeOutput:
 
     def tokens_before_eos(self, eos_id: Optional[int], stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
         """Each row's tokens before its first ``eos_id`` or ``stop_token_ids`` token."""
-        ends = set(stop_token_ids) | ({eos_id} - {None})
+        ends = (*stop_token_ids, *(() if eos_id is None else (eos_id,)))
         out = []
         for row in self.generated.tolist():
-            out.append(row[: next((i for i, t in enumerate(row) if t in ends), len(row))])
+            at = first_of(row, ends, 0, len(row))
+            out.append(row if at < 0 else row[:at])
         return out
+
+
+def first_of(tokens: list[int], ids: Sequence[int], start: int, end: int) -> int:
+    """The first index in [start, end) of any of ``ids`` in ``tokens``, or -1."""
+    ends = set(ids)
+    return next((i for i in range(start, end) if tokens[i] in ends), -1)
 
 
 def split_eos(eos_token_id) -> tuple[Optional[int], tuple[int, ...]]:
