@@ -184,30 +184,43 @@ def pipeline_step(rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor
     torch.ops.d2f_ext.pipeline_step(*args)
 
 
-# Up to this many rows the output head runs as the d2f_ext kernel, above it as torch's BLAS
-# (F.linear), which at one thread catches up from about 24 rows, where its blocking reuses each
-# weight tile across enough rows (2-core x86-64, the conformance models' 126k and 152k x 128
-# heads: python -m d2f_bench.head, results/head).
-HEAD_KERNEL_MAX_ROWS = 16
+# A linear layer runs as the d2f_ext kernel up to 16 rows at one thread and 48 at more, and as
+# torch's BLAS (F.linear) above: BLAS catches up where its blocking reuses each weight tile across
+# enough rows, from about 16-24 rows at one thread and 48-64 at two, where it spreads few rows
+# over the threads poorly (2-core x86-64, the shipped model's layers and the conformance models'
+# heads: python -m d2f_bench.linear, results/linear).
+LINEAR_KERNEL_MAX_ROWS_ONE_THREAD = 16
+LINEAR_KERNEL_MAX_ROWS = 48
 
 
-def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The output head, ``hidden @ weight.T``: hidden [..., K], weight [V, K] -> logits [..., V].
+def linear_kernel_max_rows() -> int:
+    """The most rows :func:`linear` runs its kernel on at the current torch thread count."""
+    return LINEAR_KERNEL_MAX_ROWS_ONE_THREAD if torch.get_num_threads() == 1 else LINEAR_KERNEL_MAX_ROWS
 
-    float32 on the CPU at up to :data:`HEAD_KERNEL_MAX_ROWS` rows (what a decoding step reads),
-    with no gradient wanted, runs the d2f_ext kernel: one pass over the weight, every logit one
-    thread's sum in a fixed order (so independent of the thread count), within float32 rounding
-    of BLAS. Everything else is ``F.linear``.
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A linear layer, ``input @ weight.T + bias``: input [..., K], weight [N, K], bias [N] or
+    None -> [..., N].
+
+    float32 on the CPU at up to :func:`linear_kernel_max_rows` rows (a decoding step's window or
+    the positions it reads), with no gradient wanted, runs the d2f_ext kernel (the bias added
+    after): one pass over the weight, every output one thread's sum in a fixed order (so
+    independent of the thread count), within float32 rounding of BLAS. Everything else is
+    ``F.linear``.
     """
-    rows = math.prod(hidden.shape[:-1])
-    if (not HAVE_C or hidden.device.type != "cpu" or hidden.dtype != torch.float32
-            or weight.dtype != torch.float32 or rows > HEAD_KERNEL_MAX_ROWS or weight.dim() != 2
-            or (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))):
-        return reference.head(hidden, weight)
-    flat = hidden.reshape(rows, hidden.shape[-1])
+    rows = math.prod(input.shape[:-1])
+    if (not HAVE_C or input.device.type != "cpu" or input.dtype != torch.float32
+            or weight.dtype != torch.float32 or weight.dim() != 2 or rows > linear_kernel_max_rows()
+            or (bias is not None and bias.dtype != torch.float32)
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)))):
+        return reference.linear(input, weight, bias)
+    flat = input.reshape(rows, input.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    return torch.ops.d2f_ext.head(flat, weight.contiguous()).reshape(*hidden.shape[:-1], weight.shape[0])
+    out = torch.ops.d2f_ext.linear(flat, weight.contiguous())
+    if bias is not None:
+        out += bias
+    return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
 if HAVE_C:
@@ -226,9 +239,9 @@ if HAVE_C:
         return (logits.new_empty((B, NB), dtype=torch.int32),
                 logits.new_empty((B,), dtype=torch.int32))
 
-    @torch.library.register_fake("d2f_ext::head")
-    def _head_fake(hidden, weight):
-        return hidden.new_empty((hidden.shape[0], weight.shape[0]))
+    @torch.library.register_fake("d2f_ext::linear")
+    def _linear_fake(input, weight):
+        return input.new_empty((input.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("d2f_ext::pipeline_step")
     def _pipeline_step_fake(rows, blocks, counts, eos_block, block_size, block_add_threshold, decoded_token_threshold):

@@ -56,8 +56,8 @@ def store_kv(k_cache, v_cache, k, v, cache_lens, src_start, src_len, cache_rows=
         v_cache[c, n + i0 : n + i1] = v[b, s + i0 : s + i1]
 
 
-def head(hidden, weight):
-    return torch.nn.functional.linear(hidden, weight)
+def linear(input, weight, bias=None):
+    return torch.nn.functional.linear(input, weight, bias)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

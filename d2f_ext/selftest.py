@@ -150,14 +150,14 @@ def check_pipeline_step(device: torch.device) -> None:
     raise AssertionError("the pipeline did not finish")
 
 
-def check_head() -> float:
+def check_linear() -> float:
     """CPU only (the op has no CUDA kernel): within float32 rounding of F.linear."""
     g = torch.Generator().manual_seed(4)
     err = 0.0
     for V, K, R in ((126464, 128, 3), (1001, 36, 16), (5, 300, 1)):
         w, x = torch.randn(V, K, generator=g), torch.randn(R, K, generator=g)
-        want = reference.head(x, w)
-        d = (torch.ops.d2f_ext.head(x, w) - want).abs().max().item()
+        want = reference.linear(x, w)
+        d = (torch.ops.d2f_ext.linear(x, w) - want).abs().max().item()
         assert d <= 1e-4 * max(1.0, want.abs().max().item()), f"V={V} K={K} R={R}: error {d:.3g}"
         err = max(err, d)
     return err
@@ -172,7 +172,7 @@ def run(device: torch.device) -> bool:
     checks += [("store_kv", lambda: check_store_kv(device)), ("unmask", lambda: check_unmask(device)),
                ("pipeline_step", lambda: check_pipeline_step(device))]
     if device.type == "cpu":
-        checks.append(("head", check_head))
+        checks.append(("linear", check_linear))
     ok = True
     print(f"d2f_ext selftest on {device} ({ops.build_info()})")
     for name, check in checks:

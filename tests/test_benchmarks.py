@@ -95,11 +95,12 @@ def test_serve_bench_clients_stop_on_a_server_error(shipped):
             asyncio.run(serve_level(s.url, questions(1), 1, 8))
 
 
-def test_head_bench_writes_every_setting(tmp_path):
-    from d2f_bench import head
+def test_linear_bench_writes_every_setting(tmp_path):
+    from d2f_bench import linear
 
-    rows = head.main(["--rows", "1", "3", "--threads", "1", "2", "--vocab", "100", "--repeat", "1",
-                      "--out", str(tmp_path)])
-    assert [(r["threads"], r["rows"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    rows = linear.main(["--rows", "1", "3", "--threads", "1", "2", "--shape", "100", "8", "--shape", "5", "300",
+                        "--repeat", "1", "--out", str(tmp_path)])
+    assert [(r["threads"], r["out_features"], r["rows"]) for r in rows] == [
+        (t, n, r) for t in (1, 2) for n in (100, 5) for r in (1, 3)]
     assert all(r["kernel_ms"] > 0 and r["linear_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
-    assert {p.name for p in tmp_path.iterdir()} == {"head.json", "head.md", "head.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"linear.json", "linear.md", "linear.png"}

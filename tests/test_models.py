@@ -120,7 +120,7 @@ def test_output_embeddings_are_the_head(arch):
     untied, tied = make_model(arch, tie=False), make_model(arch, tie=True)
     head = untied.get_output_embeddings()
     h = torch.randn(2, untied.config.hidden_size)
-    with torch.no_grad():  # so that ops.head runs its kernel, not the differentiable F.linear
+    with torch.no_grad():  # so that ops.linear runs its kernel, not the differentiable F.linear
         torch.testing.assert_close(untied.output_logits(h), head(h))
         torch.testing.assert_close(tied.output_logits(h), F.linear(h, tied.embedding().weight))
     assert tied.get_output_embeddings() is None and tied.get_input_embeddings().weight.shape[0] == tied.config.vocab_size

@@ -12,7 +12,7 @@ void attention_cpu(const AttentionParams& p);
 void store_kv_cpu(const StoreKVParams& p);
 void unmask_cpu(const UnmaskParams& p);
 void pipeline_step_cpu(const PipelineParams& p);
-void head_cpu(const HeadParams& p);
+void linear_cpu(const LinearParams& p);
 
 #if defined(D2F_WITH_CUDA)
 // `stream` is a cudaStream_t and an int result a cudaError_t, kept opaque so that this header

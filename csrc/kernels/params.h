@@ -56,16 +56,17 @@ struct StoreKVParams {
   DType dtype;
 };
 
-// The output head at a few rows: logits[r, v] = sum_k hidden[r, k] * weight[v, k], float32.
-// Each logit is one thread's sum in a fixed order, so the result does not depend on the thread
-// count. Meant for the rows a decoding step reads (a handful per row of the batch), where the
-// head is a pass over the whole weight matrix and BLAS runs well below memory speed.
-struct HeadParams {
-  const float* hidden;  // [R, K], rows hidden_stride apart, last dim contiguous
-  const float* weight;  // [V, K] contiguous
-  float* logits;        // [R, V] contiguous
-  int64_t hidden_stride;
-  int rows, hidden_size, vocab;
+// A linear layer (no bias) at a few rows: output[r, n] = sum_k input[r, k] * weight[n, k],
+// float32. Each output is one thread's sum in a fixed order, so the result does not depend on
+// the thread count. Meant for the few rows a decoding step runs on (the window's positions, the
+// output head's read positions), where the layer is a pass over the whole weight matrix and BLAS
+// runs well below memory speed.
+struct LinearParams {
+  const float* input;   // [R, K], rows input_stride apart, last dim contiguous
+  const float* weight;  // [N, K] contiguous
+  float* output;        // [R, N] contiguous
+  int64_t input_stride;
+  int rows, in_features, out_features;
 };
 
 // How the forced single pick of a fully activated block ranks positions.

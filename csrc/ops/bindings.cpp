@@ -53,7 +53,7 @@ TORCH_LIBRARY(d2f_ext, m) {
   m.def(
       "pipeline_step(Tensor(a!) rows, Tensor(b!) blocks, Tensor counts, Tensor eos_block, "
       "int block_size, float block_add_threshold, float decoded_token_threshold) -> ()");
-  m.def("head(Tensor hidden, Tensor weight) -> Tensor");
+  m.def("linear(Tensor input, Tensor weight) -> Tensor");
   m.def("build_info() -> str", &build_info);
   m.def("set_debug_checks(bool on) -> bool", &set_debug_checks);
   m.def("debug_checks() -> bool", &debug_checks);

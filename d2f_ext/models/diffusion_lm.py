@@ -12,7 +12,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import TransformerLayer, rope_cos_sin
+from .layers import TransformerLayer, project, rope_cos_sin
 
 
 def block_mask(block_ids: torch.Tensor) -> torch.Tensor:
@@ -52,17 +52,12 @@ class DiffusionLM(nn.Module):
         raise NotImplementedError
 
     def output_logits(self, h: torch.Tensor, impl: Optional[ModuleType] = None) -> torch.Tensor:
-        head = self.get_output_embeddings()
-        if head is None:
-            weight = self.embedding().weight
-        elif (type(head) is nn.Linear and head.bias is None and not head._forward_hooks
-              and not head._forward_pre_hooks and "forward" not in head.__dict__):
-            weight = head.weight
-        else:  # a PEFT layer, hooks (e.g. accelerate's offload) or a bias: the module's own forward
-            return head(h)
         if impl is None:
             from .. import ops as impl
-        return impl.head(h, weight)
+        head = self.get_output_embeddings()
+        if head is None:
+            return impl.linear(h, self.embedding().weight)
+        return project(head, h, impl)
 
     def forward(self, input_ids: torch.Tensor, block_ids: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -98,7 +93,7 @@ class DiffusionLM(nn.Module):
 
     def head(self, hidden: torch.Tensor, impl: Optional[ModuleType] = None) -> torch.Tensor:
         """Logits of final hidden states (any leading shape): the final norm and the output head
-        (``impl.head``, see :meth:`window_hidden`)."""
+        (``impl.linear`` on a plain head, see :meth:`window_hidden`)."""
         return self.output_logits(self.final_norm()(hidden), impl)
 
     @torch.no_grad()
@@ -115,8 +110,8 @@ class DiffusionLM(nn.Module):
         earlier block. Window rows [0, commit_len[b]) are written to the cache at cache_lens[b]
         in every layer; cache_lens itself is left for the caller to advance. cache_rows: the
         cache row of each batch row (default b). impl: the module whose ``attention``,
-        ``store_kv`` and ``head`` run (default :mod:`d2f_ext.ops`; :mod:`d2f_ext.reference` for
-        plain PyTorch).
+        ``store_kv`` and ``linear`` (every plain linear layer's) run (default :mod:`d2f_ext.ops`;
+        :mod:`d2f_ext.reference` for plain PyTorch).
         Inference only: runs without autograd.
 
         packed: int64 [N], the flat indices (b * W + i) of the window positions that are not
@@ -141,7 +136,7 @@ class DiffusionLM(nn.Module):
         x = self.embedding()(input_ids)
         layers = self.transformer_layers()
         for layer_idx, layer in enumerate(layers):
-            q, k, v = layer.qkv(x, cos, sin)
+            q, k, v = layer.qkv(x, cos, sin, impl)
             if packed is not None:
                 q, k, v = (_unpack(t, packed, B, W) for t in (q, k, v))
             k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
@@ -152,10 +147,10 @@ class DiffusionLM(nn.Module):
                 flat = (outputs + W * torch.arange(B, device=outputs.device)[:, None]).view(-1)
                 x = x.reshape(-1, x.shape[-1])[flat if packed is None else _packed_index(flat, packed, B * W)]
                 o = o.reshape(B * W, *o.shape[2:])[flat]
-                return layer.finish(x.view(*outputs.shape, -1), o.view(*outputs.shape, *o.shape[1:]))
+                return layer.finish(x.view(*outputs.shape, -1), o.view(*outputs.shape, *o.shape[1:]), impl)
             if packed is not None:
                 o = o.reshape(1, B * W, *o.shape[2:])[:, packed]
-            x = layer.finish(x, o)
+            x = layer.finish(x, o, impl)
         return x if packed is None else _unpack(x, packed, B, W)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,8 +41,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:
-    return down(F.silu(gate(x)) * up(x))
+def project(module: nn.Module, x: torch.Tensor, impl: Optional[ModuleType]) -> torch.Tensor:
+    """``module(x)`` for a linear module; a plain ``nn.Linear`` runs as ``impl.linear`` (d2f_ext's
+    few-row kernel, see :func:`d2f_ext.ops.linear`) when impl is given. A PEFT layer or hooks
+    (e.g. accelerate's offload) keep the module's own forward."""
+    if (impl is not None and type(module) is nn.Linear and not module._forward_hooks
+            and not module._forward_pre_hooks and "forward" not in module.__dict__):
+        return impl.linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module,
+           impl: Optional[ModuleType] = None) -> torch.Tensor:
+    return project(down, F.silu(project(gate, x, impl)) * project(up, x, impl), impl)
 
 
 class TransformerLayer(nn.Module):
@@ -68,18 +82,20 @@ class TransformerLayer(nn.Module):
             parts.append(module)
         return parts
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q [B, L, H, D], k and v [B, L, Hkv, D], RoPE applied to q and k."""
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: Optional[ModuleType] = None):
+        """q [B, L, H, D], k and v [B, L, Hkv, D], RoPE applied to q and k. impl: the linear
+        layers' ``linear`` (see :func:`project`); None runs the modules as they are."""
         norm, q_proj, k_proj, v_proj = self._parts()[:4]
         B, L, _ = x.shape
         h = norm(x)
-        q = q_proj(h).view(B, L, self.num_heads, self.head_dim)
-        k = k_proj(h).view(B, L, self.num_kv_heads, self.head_dim)
-        v = v_proj(h).view(B, L, self.num_kv_heads, self.head_dim)
+        q = project(q_proj, h, impl).view(B, L, self.num_heads, self.head_dim)
+        k = project(k_proj, h, impl).view(B, L, self.num_kv_heads, self.head_dim)
+        v = project(v_proj, h, impl).view(B, L, self.num_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """The residual stream after this layer, given the attention output [B, L, H, D]."""
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor, impl: Optional[ModuleType] = None) -> torch.Tensor:
+        """The residual stream after this layer, given the attention output [B, L, H, D]; impl
+        as in :meth:`qkv`."""
         o_proj, norm, gate, up, down = self._parts()[4:]
-        x = x + o_proj(attn_out.reshape(*x.shape[:2], -1))
-        return x + swiglu(norm(x), gate, up, down)
+        x = x + project(o_proj, attn_out.reshape(*x.shape[:2], -1), impl)
+        return x + swiglu(norm(x), gate, up, down, impl)

@@ -1,5 +1,5 @@
-// The output head at a few rows (HeadParams): the weight matrix streams through once, a tile of
-// vocabulary rows at a time, while the few hidden rows stay in L1. Each tile's 4 x 2 block of
+// A linear layer at a few rows (LinearParams): the weight matrix streams through once, a tile of
+// output features at a time, while the few input rows stay in L1. Each tile's 4 x 2 block of
 // dot products keeps eight vector accumulators in registers, so every weight load feeds two rows.
 #include <omp.h>
 
@@ -14,7 +14,7 @@ namespace d2f {
 namespace {
 
 using simd::VecF;
-constexpr int kTileVocab = 4, kTileRows = 2;  // 8 accumulators: one sums8
+constexpr int kTileOut = 4, kTileRows = 2;  // 8 accumulators: one sums8
 
 // Pairwise lane sums of a and b: {a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7}.
 D2F_INLINE VecF hadd(VecF a, VecF b) {
@@ -30,20 +30,20 @@ D2F_INLINE VecF sums8(const VecF (&a)[8]) {
   return __builtin_shuffle(lo, hi, Idx{0, 1, 2, 3, 8, 9, 10, 11}) + __builtin_shuffle(lo, hi, Idx{4, 5, 6, 7, 12, 13, 14, 15});
 }
 
-// Logits of vocabulary rows [v0, v0 + nv) for hidden rows [r0, r0 + nr), nv <= 4, nr <= 2. A
+// Outputs [v0, v0 + nv) of input rows [r0, r0 + nr), nv <= 4, nr <= 2. A
 // short tile repeats its last row rather than branching in the inner loop; only real ones are
 // stored. The body sums lanes of 8, then the lanes by sums8, then the tail of K past a multiple
 // of 8.
-D2F_INLINE void tile(const HeadParams& p, int v0, int nv, int r0, int nr) {
-  const int K = p.hidden_size, body = K - K % simd::kLanes;
+D2F_INLINE void tile(const LinearParams& p, int v0, int nv, int r0, int nr) {
+  const int K = p.in_features, body = K - K % simd::kLanes;
   const float* x[kTileRows];
-  const float* w[kTileVocab];
-  for (int r = 0; r < kTileRows; ++r) x[r] = p.hidden + (r0 + std::min(r, nr - 1)) * p.hidden_stride;
-  for (int v = 0; v < kTileVocab; ++v) w[v] = p.weight + static_cast<int64_t>(v0 + std::min(v, nv - 1)) * K;
-  VecF acc[kTileVocab * kTileRows] = {};  // acc[v * kTileRows + r]
+  const float* w[kTileOut];
+  for (int r = 0; r < kTileRows; ++r) x[r] = p.input + (r0 + std::min(r, nr - 1)) * p.input_stride;
+  for (int v = 0; v < kTileOut; ++v) w[v] = p.weight + static_cast<int64_t>(v0 + std::min(v, nv - 1)) * K;
+  VecF acc[kTileOut * kTileRows] = {};  // acc[v * kTileRows + r]
   for (int k = 0; k < body; k += simd::kLanes) {
     const VecF x0 = simd::load(x[0] + k), x1 = simd::load(x[1] + k);
-    for (int v = 0; v < kTileVocab; ++v) {
+    for (int v = 0; v < kTileOut; ++v) {
       const VecF wv = simd::load(w[v] + k);
       acc[v * kTileRows] += wv * x0;
       acc[v * kTileRows + 1] += wv * x1;
@@ -54,30 +54,33 @@ D2F_INLINE void tile(const HeadParams& p, int v0, int nv, int r0, int nr) {
     for (int r = 0; r < nr; ++r) {
       float s = sums[v * kTileRows + r];
       for (int k = body; k < K; ++k) s += w[v][k] * x[r][k];
-      p.logits[static_cast<int64_t>(r0 + r) * p.vocab + v0 + v] = s;
+      p.output[static_cast<int64_t>(r0 + r) * p.out_features + v0 + v] = s;
     }
   }
 }
 
-// The tile is compute-bound from about 8 rows on, where fused multiply-adds halve its work.
-// ISO C++ does not contract a * b + c (the file's pragma above allows it), and the baseline ISA
-// has no FMA, so the tile is compiled once more for AVX2 + FMA and picked at run time.
-__attribute__((target("avx2,fma"))) void tile_fma(const HeadParams& p, int v0, int nv, int r0, int nr) {
-  tile(p, v0, nv, r0, nr);
+// Every input row against outputs [v0, v0 + nv): their weight rows stay in L1 across the rows.
+D2F_INLINE void tile_all_rows(const LinearParams& p, int v0, int nv) {
+  for (int r0 = 0; r0 < p.rows; r0 += kTileRows) tile(p, v0, nv, r0, std::min(kTileRows, p.rows - r0));
 }
 
-void tile_plain(const HeadParams& p, int v0, int nv, int r0, int nr) { tile(p, v0, nv, r0, nr); }
+// The tile is compute-bound from about 8 rows on, where fused multiply-adds halve its work.
+// ISO C++ does not contract a * b + c (the file's pragma above allows it), and the baseline ISA
+// has no FMA, so the tiles are compiled once more for AVX2 + FMA and picked at run time.
+__attribute__((target("avx2,fma"))) void tile_fma(const LinearParams& p, int v0, int nv) { tile_all_rows(p, v0, nv); }
+
+void tile_plain(const LinearParams& p, int v0, int nv) { tile_all_rows(p, v0, nv); }
 
 }  // namespace
 
-void head_cpu(const HeadParams& p) {
+void linear_cpu(const LinearParams& p) {
   static const bool fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const auto run = fma ? tile_fma : tile_plain;
-  const int tiles = p.vocab / kTileVocab + (p.vocab % kTileVocab != 0);
+  const int tiles = p.out_features / kTileOut + (p.out_features % kTileOut != 0);
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < tiles; ++t) {
-    const int v0 = t * kTileVocab, nv = std::min(kTileVocab, p.vocab - v0);
-    for (int r0 = 0; r0 < p.rows; r0 += kTileRows) run(p, v0, nv, r0, std::min(kTileRows, p.rows - r0));
+    const int v0 = t * kTileOut;
+    run(p, v0, std::min(kTileOut, p.out_features - v0));
   }
 }
 
