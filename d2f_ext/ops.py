@@ -217,10 +217,10 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     flat = input.reshape(rows, input.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    out = torch.ops.d2f_ext.linear(flat, weight.contiguous())
-    if bias is not None:
+    out = torch.ops.d2f_ext.linear(flat, weight.contiguous()).reshape(*input.shape[:-1], weight.shape[0])
+    if bias is not None:  # on the output's own shape, so a bias broadcasts as F.linear's does
         out += bias
-    return out.reshape(*input.shape[:-1], weight.shape[0])
+    return out
 
 
 if HAVE_C:

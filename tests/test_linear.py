@@ -92,7 +92,15 @@ def test_where_the_kernel_runs(monkeypatch, threads, max_rows):
         torch.set_num_threads(before)
 
 
-class _Hooked(torch.nn.Linear):
+def test_a_bias_broadcasts_as_f_linear_broadcasts_it():
+    """A bias over the leading dimensions too ([L, N] for input [B, L, K]) is F.linear's too."""
+    w, x = torch.randn(6, 8), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        for bias in (torch.randn(6), torch.randn(3, 6)):
+            torch.testing.assert_close(ops.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+class _Subclass(torch.nn.Linear):
     pass
 
 
@@ -103,7 +111,7 @@ def test_layers_run_plain_linears_on_the_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(ops, "linear", lambda x, w, b=None: calls.append(b is not None) or F.linear(x, w, b))
     x = torch.randn(3, 8)
-    plain, biased, sub = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4), _Hooked(8, 4)
+    plain, biased, sub = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4), _Subclass(8, 4)
     hooked = torch.nn.Linear(8, 4)
     hooked.register_forward_hook(lambda m, i, o: o * 2)
     torch.testing.assert_close(project(plain, x, ops), plain(x))
