@@ -182,6 +182,24 @@ def test_distill_loss_is_weighted_kl_on_masked_positions():
     torch.testing.assert_close(s.grad, s_ce.grad)
 
 
+def test_distill_loss_data_weight_adds_the_weighted_cross_entropy_on_the_data():
+    g = torch.Generator().manual_seed(1)
+    B, L, V = 2, 10, 7
+    s, t = torch.randn(B, L, V, generator=g), torch.randn(B, L, V, generator=g)
+    targets = torch.randint(0, V, (B, L), generator=g)
+    masked = torch.rand(B, L, generator=g) < 0.5
+    ratio = 0.2 + 0.5 * torch.rand(B, L, generator=g)
+    ce = torch.nn.functional.cross_entropy(s.view(-1, V), targets.view(-1), reduction="none").view(B, L)
+    extra = float((ce / ratio)[masked].sum() / masked.sum())
+    kl = distill.distill_loss(s, t, masked, ratio, False).item()
+    assert distill.distill_loss(s, t, masked, ratio, False, targets, 0.5).item() == \
+        pytest.approx(kl + 0.5 * extra, rel=1e-5)
+    # Dream: the target at p is scored on the logits output at p - 1.
+    shifted = distill.distill_loss(s, t, masked, ratio, True, targets, 2.0)
+    manual = distill.distill_loss(tc.shift_logits(s), tc.shift_logits(t), masked, ratio, False, targets, 2.0)
+    assert shifted.item() == pytest.approx(manual.item(), rel=1e-6)
+
+
 class _FixedLogits(torch.nn.Module):
     """Logits a fixed function of the input ids; records what it was given."""
 
@@ -334,6 +352,19 @@ def test_full_finetune_teacher_is_frozen_copy(tiny_checkpoint):
     opt.step()
     torch.testing.assert_close(d.teacher_logits(b.ids, b), before, rtol=0, atol=0)
     assert not any(p.requires_grad for p in d.teacher.parameters())
+
+
+def test_distiller_data_weight_scores_the_batch_own_tokens(tiny_checkpoint):
+    folder = tiny_checkpoint("llada", vocab=64, hidden_size=32, num_layers=2, intermediate_size=64, shards=1)
+    b = _batch([4, 6], [32, 20], vocab=40)
+    plain = distill.Distiller(load_model(folder), full_finetune=True)
+    weighted = distill.Distiller(load_model(folder), full_finetune=True, data_weight=0.5)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    extra = weighted.loss(b, 16, gen()) - plain.loss(b, 16, gen())
+    noised, masked, ratio, blocks = distill.noise_batch(b, 16, plain.config.mask_token_id, gen())
+    s = plain.student_logits(noised, blocks)
+    ce = torch.nn.functional.cross_entropy(s[masked], b.ids[masked], reduction="none")
+    assert masked.any() and float(extra.detach()) == pytest.approx(0.5 * float((ce / ratio[masked]).mean()), rel=1e-4)
 
 
 # --- training loops --------------------------------------------------------------------------
@@ -491,6 +522,8 @@ def _tokenizer_folder(folder):
     (distill, ["--save-every", "0"], "--save-every must be >= 1, got 0"),
     (distill, ["--train-size", "0"], "--train-size must be >= 1, got 0"),
     (distill, ["--lora-r", "0"], "--lora-r must be >= 1, got 0"),
+    (distill, ["--data-weight", "-1"], "--data-weight must be >= 0, got -1.0"),
+    (distill, ["--data-weight", "nan"], "--data-weight must be >= 0, got nan"),
     (distill, ["--full-finetune", "--merge-to", "m"], "--merge-to needs a LoRA run"),
 ])
 def test_trainers_reject_bad_arguments_by_name(command, args, message, tmp_path, capsys):

@@ -11,8 +11,9 @@ import torch
 from d2f_recipe import evaluate, task_math, tune
 
 
-def _row(skip, acc, tpf, add=0.1):
-    return dict(skip_threshold=skip, block_add_threshold=add, accuracy=acc, tokens_per_forward=tpf)
+def _row(skip, acc, tpf, add=0.1, block=16):
+    return dict(block_size=block, skip_threshold=skip, block_add_threshold=add, accuracy=acc,
+                tokens_per_forward=tpf)
 
 
 def test_pick_is_the_most_parallel_setting_within_tolerance():
@@ -26,6 +27,10 @@ def test_pick_is_the_most_parallel_setting_within_tolerance():
     assert tune.pick([_row(0.6, 0.3, 5.0), _row(0.9, 0.3, 5.0)], 1.0)["skip_threshold"] == 0.9
     tied = [_row(0.7, 0.3, 5.0, add=0.5), _row(0.7, 0.3, 5.0, add=0.9), _row(0.7, 0.3, 5.0, add=0.1)]
     assert tune.pick(tied, 1.0)["block_add_threshold"] == 0.9
+    assert tune.pick([_row(0.9, 0.3, 5.0, block=8), _row(0.9, 0.3, 5.0, block=16)], 1.0)["block_size"] == 16
+    # A smaller block that is more accurate but no more parallel wins only within the tolerance.
+    sizes = [_row(0.9, 0.90, 3.0, block=4), _row(0.9, 0.88, 4.5, block=8), _row(0.9, 0.82, 5.2)]
+    assert tune.pick(sizes, 1.0)["block_size"] == 4 and tune.pick(sizes, 2.0)["block_size"] == 8
     with pytest.raises(ValueError, match="tolerance"):
         tune.pick(rows, -1.0)
     with pytest.raises(ValueError, match="no settings"):
@@ -40,20 +45,23 @@ def test_tune_writes_its_pick_and_evaluate_reads_it(tmp_path):
     before = json.loads(config.read_text())
     threads = torch.get_num_threads()
     out = tune.main(["--student", student, "--teacher", paths["teacher"], "--after", "3", "--problems", "2",
-                         "--sweep-skip", "0.6,0.95", "--sweep-add", "0.1", "--threads", "1", "--write",
-                         "--out", str(tmp_path / "tune")])
-    van = out["teacher_vanilla"]
-    assert van["problems"] == 2 and van["forwards"] == 2 * before["max_new_tokens"]  # one token a step
-    assert len((tmp_path / "tune" / "tune.md").read_text().splitlines()) == 2 + 2 + 1
+                         "--sweep-block", "8,16", "--sweep-skip", "0.6,0.95", "--sweep-add", "0.1",
+                         "--vanilla-blocks", "4,16", "--threads", "1", "--write", "--out", str(tmp_path / "tune")])
+    assert [r["block_size"] for r in out["teacher_vanilla"]] == [4, 16]
+    for van in out["teacher_vanilla"]:
+        assert van["problems"] == 2 and van["forwards"] == 2 * before["max_new_tokens"]  # one token a step
+    assert len((tmp_path / "tune" / "tune.md").read_text().splitlines()) == 2 + 4 + 2
     assert torch.get_num_threads() == threads
-    assert {(r["skip_threshold"], r["block_add_threshold"]) for r in out["rows"]} == {(0.6, 0.1), (0.95, 0.1)}
+    assert {(r["block_size"], r["skip_threshold"], r["block_add_threshold"]) for r in out["rows"]} == \
+        {(8, 0.6, 0.1), (8, 0.95, 0.1), (16, 0.6, 0.1), (16, 0.95, 0.1)}
     assert out["pick"] in out["rows"]
     assert all(r["problems"] == 2 for r in out["rows"])
     assert out["base"]["block_size"] == before["block_size"]
     assert out["base"]["max_new_tokens"] == before["max_new_tokens"]
     saved = json.loads(config.read_text())
     saved.pop("transformers_version")  # GenerationConfig.save_pretrained records it
-    assert saved == {**before, "skip_threshold": out["pick"]["skip_threshold"], "block_add_threshold": 0.1}
+    assert saved == {**before, "block_size": out["pick"]["block_size"],
+                     "skip_threshold": out["pick"]["skip_threshold"], "block_add_threshold": 0.1}
     assert json.loads((tmp_path / "tune" / "tune.json").read_text())["pick"] == out["pick"]
     # evaluate's student settings: the saved thresholds, overridden by the flags given.
     args = evaluate.parse_args(["--student", student, "--decoded-token-threshold", "0.8"])
@@ -68,6 +76,10 @@ def test_tune_writes_its_pick_and_evaluate_reads_it(tmp_path):
                                  "--threads", "1"])
     _, _, _, cfg, fast = evaluate.load_methods(args)
     assert cfg.skip_threshold == out["pick"]["skip_threshold"]
+    # The student, and Fast-dLLM beside it, decode the block size tune picked, unless told otherwise.
+    assert cfg.block_size == fast.block_size == out["pick"]["block_size"]
+    args = evaluate.parse_args(["--student", student, "--block-size", "32"])
+    assert evaluate.d2f_config(args, student).block_size == 32
     assert (fast.skip_threshold, fast.block_add_threshold) == (evaluate.D2FConfig().skip_threshold, 1.0)
 
 
@@ -88,6 +100,8 @@ def test_validation_problems_follow_the_tables(level):
     (["--sweep-add", ""], "--sweep-add: needs one or more"),
     (["--sweep-skip", "0.5,high"], "--sweep-skip: not a number: 'high'"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--sweep-block", "8,0"], "--sweep-block: needs one or more comma-separated block sizes >= 1"),
+    (["--vanilla-blocks", "four"], "--vanilla-blocks: not integers: 'four'"),
 ])
 def test_bad_arguments_name_themselves(args, message, capsys):
     with pytest.raises(SystemExit):
@@ -103,6 +117,7 @@ def test_bad_arguments_name_themselves(args, message, capsys):
     (["--vanilla-steps", "0"], "--vanilla-steps must be >= 1, got 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--block-size", "-1"], "--block-size must be >= 1, got -1"),
+    (["--vanilla-block-size", "0"], "--vanilla-block-size must be >= 1, got 0"),
 ])
 def test_evaluate_bad_arguments_name_themselves(args, message, capsys):
     with pytest.raises(SystemExit):

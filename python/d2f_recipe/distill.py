@@ -8,7 +8,9 @@ LoRA adapter disabled, or a frozen copy under --full-finetune) with full bidirec
 and no grad, the student under the block-causal mask (prompt block 0, response blocks 1..N).
 Loss: KL(teacher || student), i.e. the cross-entropy against the teacher's softmax less the
 teacher's entropy, on the masked positions, each divided by its block's ratio, averaged over the
-masked positions. Dream's right shift applies to both.
+masked positions. Dream's right shift applies to both. ``--data-weight w`` adds w times the
+cross-entropy against the training sequence's own tokens at the same positions, weighted the same
+way, so the student can learn where its teacher is wrong (0, the default, is the paper's loss).
 
     python -m d2f_recipe.distill --teacher runs/teacher --out runs/student-lora --merge-to runs/student
     torchrun --nproc_per_node 8 -m d2f_recipe.distill --teacher GSAI-ML/LLaDA-8B-Instruct-folder ...
@@ -74,19 +76,24 @@ def noise_batch(batch: tc.Batch, block_size: int, mask_id: int, gen: torch.Gener
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, masked: torch.Tensor,
-                 ratio: torch.Tensor, logit_shift: bool) -> torch.Tensor:
-    """Mean over masked positions of KL(teacher || student) / block ratio.
+                 ratio: torch.Tensor, logit_shift: bool, targets: torch.Tensor | None = None,
+                 data_weight: float = 0.0) -> torch.Tensor:
+    """Mean over masked positions of (KL(teacher || student) + data_weight * CE(targets)) / block
+    ratio, where CE is the student's cross-entropy against the clean tokens ``targets``.
 
-    The gradient is that of the cross-entropy against the teacher's softmax; the teacher's own
+    The KL's gradient is that of the cross-entropy against the teacher's softmax; the teacher's own
     entropy (a constant without gradient) is subtracted only so that the value reads as a
     divergence, 0 when the student matches the teacher, instead of drifting with the noise.
     """
     if logit_shift:
         student_logits, teacher_logits = tc.shift_logits(student_logits), tc.shift_logits(teacher_logits)
     log_t = torch.log_softmax(teacher_logits[masked].float(), -1)
-    kl = (log_t.exp() * (log_t - torch.log_softmax(student_logits[masked].float(), -1))).sum(-1)
+    log_s = torch.log_softmax(student_logits[masked].float(), -1)
+    loss = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if data_weight:
+        loss = loss - data_weight * log_s.gather(-1, targets[masked][:, None]).squeeze(-1)
     # Sum over an empty selection keeps the graph, so a batch without masks still backpropagates.
-    return (kl / ratio[masked]).sum() / masked.sum().clamp(min=1)
+    return (loss / ratio[masked]).sum() / masked.sum().clamp(min=1)
 
 
 class Distiller:
@@ -94,8 +101,9 @@ class Distiller:
     when fully fine-tuning."""
 
     def __init__(self, base, full_finetune: bool, r: int = 32, alpha: int = 32, dropout: float = 0.1,
-                 teacher_path: str | None = None):
+                 teacher_path: str | None = None, data_weight: float = 0.0):
         self.config = base.config
+        self.data_weight = data_weight
         if full_finetune:
             self.teacher = copy.deepcopy(base).eval().requires_grad_(False)
             self.peft = None
@@ -127,7 +135,8 @@ class Distiller:
         noised, masked, ratio, blocks = noise_batch(batch, block_size, self.config.mask_token_id, gen)
         teacher = self.teacher_logits(noised, batch)
         student = self.student_logits(noised, blocks)
-        return distill_loss(student, teacher, masked, ratio, self.config.logit_shift)
+        return distill_loss(student, teacher, masked, ratio, self.config.logit_shift,
+                            batch.ids, self.data_weight)
 
     def save(self, out: str, tokenizer_src: str) -> None:
         if self.peft is not None:
@@ -168,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--data-weight", type=float, default=0.0, help="weight of the cross-entropy "
+                   "against the data's own tokens, added to the KL (0: distillation only)")
     p.add_argument("--data", help="JSONL of {prompt, response} (default: the math task)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--eos-id", type=int, help="EOS id when the tokenizer has none")
@@ -186,6 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     a = p.parse_args(argv)
     tc.check_counts(p, a, **tc.RUN_COUNTS, lora_r=1, block_size=1, gen_len=1, eos_id=0)
+    if not a.data_weight >= 0:  # also refuses nan
+        p.error(f"--data-weight must be >= 0, got {a.data_weight}")
     if a.merge_to and a.full_finetune:
         p.error("--merge-to needs a LoRA run: with --full-finetune --out is the checkpoint")
     if a.full_finetune or a.merge_to:  # the checkpoint written takes the teacher's tokenizer
@@ -216,7 +229,8 @@ def main(argv=None) -> list[float]:
     pairs = load_pairs(a, tok, eos)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     base = load_model(a.teacher, dtype=getattr(torch, a.dtype), device=device)
-    d = Distiller(base, a.full_finetune, a.lora_r, a.lora_alpha, a.lora_dropout, a.teacher)
+    d = Distiller(base, a.full_finetune, a.lora_r, a.lora_alpha, a.lora_dropout, a.teacher,
+                  a.data_weight)
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

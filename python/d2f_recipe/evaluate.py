@@ -60,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="test-split seed")
     task_math.add_level_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (training's gen_len)")
-    p.add_argument("--block-size", type=int, default=16, help="as in distillation")
+    p.add_argument("--block-size", type=int, help="the student's and Fast-dLLM's blocks (default: the "
+                   "student's generation_config.json, which distill and tune write, else 16)")
+    p.add_argument("--vanilla-block-size", type=int, help="the teacher's vanilla blocks (default: "
+                   "--block-size; d2f_recipe.tune --teacher --vanilla-blocks measures several)")
     for name in THRESHOLDS:
         p.add_argument(f"--{name.replace('_', '-')}", type=threshold, help="default: the student's "
                        "generation_config.json (d2f_recipe.tune writes it), else D2FConfig's")
@@ -73,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results/e2e")
     p.add_argument("--smoke", action="store_true", help="train tiny models in a temp folder, 3 problems, check outputs")
     a = p.parse_args(argv)
-    tc.check_counts(p, a, problems=1, threads=1, max_new_tokens=1, block_size=1, vanilla_steps=1)
+    tc.check_counts(p, a, problems=1, threads=1, max_new_tokens=1, block_size=1, vanilla_block_size=1,
+                    vanilla_steps=1)
     return a
 
 
@@ -98,12 +102,21 @@ def thresholds(text: str) -> tuple[float, ...]:
 
 def d2f_config(a, folder: str) -> D2FConfig:
     """A model's decoding settings: the flags given, then the thresholds in ``folder``'s
-    generation_config.json (as model.generate would take them), then D2FConfig's defaults. The
-    block size and canvas are the flags' for every method alike."""
+    generation_config.json (as model.generate would take them), then D2FConfig's defaults; the
+    canvas and the block size (:func:`student_block_size`) are the same for every method."""
     gc = load_generation_config(folder)
     saved = {k: getattr(gc, k, None) for k in THRESHOLDS}  # None where not saved: the defaults apply
-    return D2FConfig.from_generation_config(saved, block_size=a.block_size, max_new_tokens=a.max_new_tokens,
+    return D2FConfig.from_generation_config(saved, block_size=student_block_size(a),
+                                            max_new_tokens=a.max_new_tokens,
                                             **{k: getattr(a, k) for k in THRESHOLDS})
+
+
+def student_block_size(a) -> int:
+    """--block-size, else the student's generation_config.json block_size, else 16."""
+    if a.block_size is not None:
+        return a.block_size
+    saved = getattr(load_generation_config(a.student or a.teacher), "block_size", None)
+    return 16 if saved is None else int(saved)
 
 
 def _diffusion(model, cfg: D2FConfig, decoder: str, steps=None) -> Callable[[list[int]], tuple[list[int], int]]:
@@ -144,9 +157,10 @@ def load_methods(a):
     # student's: those were tuned for the student.
     fast = D2FConfig.fast_dllm(**dataclasses.asdict(d2f_config(a, a.teacher)))
     steps = a.max_new_tokens if a.vanilla_steps is None else a.vanilla_steps
+    vanilla_blocks = cfg.block_size if a.vanilla_block_size is None else a.vanilla_block_size
     methods = {
         "ar": Method(_ar(ar, ar_tok.eos_token_id, ar_tok.pad_token_id, a.max_new_tokens, a.device), ar_tok),
-        "teacher-vanilla": vanilla_method(teacher, t_tok, a.max_new_tokens, a.block_size, steps),
+        "teacher-vanilla": vanilla_method(teacher, t_tok, a.max_new_tokens, vanilla_blocks, steps),
         "teacher-fast-dllm": Method(_diffusion(teacher, fast, "fast-dllm"), t_tok),
         "d2f": Method(_diffusion(student, cfg, "d2f"), s_tok),
         "d2f-reference": Method(_diffusion(student, cfg, "reference"), s_tok),
@@ -299,14 +313,16 @@ def _finish(fig, ax, path, title):
     plt.close(fig)  # a sweep after the table: figures would pile up in pyplot's registry
 
 
-def run_sweep(cfg: D2FConfig, skips, adds, student, tokenizer, problems) -> list[dict]:
-    """The student over the skip_threshold x block_add_threshold grid, the rest of ``cfg`` kept."""
-    grid = [(skip, add) for skip in skips for add in adds]
-    methods = {f"skip={skip} add={add}": Method(_diffusion(student, dataclasses.replace(
-        cfg, skip_threshold=skip, block_add_threshold=add), "d2f"), tokenizer) for skip, add in grid}
+def run_sweep(cfg: D2FConfig, skips, adds, student, tokenizer, problems, blocks=None) -> list[dict]:
+    """The student over the block size x skip_threshold x block_add_threshold grid (block sizes:
+    ``blocks``, default cfg's), the rest of ``cfg`` kept."""
+    grid = [(size, skip, add) for size in blocks or (cfg.block_size,) for skip in skips for add in adds]
+    methods = {f"block={size} skip={skip} add={add}": Method(_diffusion(student, dataclasses.replace(
+        cfg, block_size=size, skip_threshold=skip, block_add_threshold=add), "d2f"), tokenizer)
+        for size, skip, add in grid}
     res = evaluate(methods, problems, "sweep")
-    return [dict(skip_threshold=skip, block_add_threshold=add,
-                 **{k: v for k, v in s.items() if k != "records"}) for (skip, add), s in zip(grid, res.values())]
+    return [dict(block_size=size, skip_threshold=skip, block_add_threshold=add,
+                 **{k: v for k, v in s.items() if k != "records"}) for (size, skip, add), s in zip(grid, res.values())]
 
 
 def train_smoke(folder: str) -> dict[str, str]:

@@ -1,11 +1,14 @@
-"""Pick the D2F student's skip_threshold and block_add_threshold on validation problems and store
-them in its generation_config.json, the defaults of model.generate, d2f-generate and evaluate.
+"""Pick the D2F student's block size, skip_threshold and block_add_threshold on validation problems
+and store them in its generation_config.json, the defaults of model.generate, d2f-generate and
+evaluate.
 
 The validation problems are the test split's problems after the first --after (default 100: the
 ones evaluate's table is measured on), so the table is never run on the problems it was tuned on.
 The pick: among the grid's settings within --tolerance points of the most accurate one, the one
 with the most tokens per forward (a count: the pick does not move with machine noise as tokens/s
-would; ties go to the higher thresholds, the safer ones: skip_threshold, then block_add_threshold).
+would; ties go to the higher thresholds, the safer ones: skip_threshold, then block_add_threshold,
+then to the larger block). --teacher adds the teacher's vanilla decoding at each of
+--vanilla-blocks, the accuracy the student's is held against.
 
     python -m d2f_recipe.tune --student runs/student --write
 """
@@ -30,10 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--student", required=True, help="checkpoint folder of the D2F student")
     p.add_argument("--teacher", help="also decode the validation problems with this teacher's vanilla "
                    "decoding (one token a step): the accuracy the student's is held against")
+    p.add_argument("--vanilla-blocks", type=block_sizes, help="comma-separated block sizes of the "
+                   "teacher's vanilla decoding (default: --sweep-block)")
     p.add_argument("--after", type=int, default=100, help="test-split problems left to the table")
     p.add_argument("--problems", type=int, default=300, help="validation problems")
     p.add_argument("--seed", type=int, default=0, help="test-split seed (evaluate's)")
     task_math.add_level_arg(p)
+    p.add_argument("--sweep-block", type=block_sizes, help="comma-separated block sizes (default: the "
+                   "student's, the one it was distilled with)")
     p.add_argument("--sweep-skip", type=evaluate.thresholds, default=evaluate.SWEEP_SKIP)
     p.add_argument("--sweep-add", type=evaluate.thresholds, default=evaluate.SWEEP_ADD)
     p.add_argument("--tolerance", type=float, default=1.0, help="accuracy points below the best still eligible")
@@ -48,6 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def block_sizes(text: str) -> tuple[int, ...]:
+    """argparse type: one or more comma-separated block sizes, each >= 1."""
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not integers: {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"needs one or more comma-separated block sizes >= 1, got {text!r}")
+    return out
+
+
 def validation_problems(after: int, n: int, seed: int, level: str):
     """The ``n`` test-split problems after the first ``after``: the draws are a fixed sequence
     per seed, so these never include the first ``after``, which evaluate's table uses."""
@@ -56,14 +74,15 @@ def validation_problems(after: int, n: int, seed: int, level: str):
 
 def pick(rows: list[dict], tolerance: float) -> dict:
     """The row with the most tokens per forward among those within ``tolerance`` points of the
-    best accuracy; ties to the higher (safer) thresholds."""
+    best accuracy; ties to the higher (safer) thresholds, then to the larger block."""
     if not rows:
         raise ValueError("no settings to pick from")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     best = max(r["accuracy"] for r in rows)
     eligible = [r for r in rows if 100 * (best - r["accuracy"]) <= tolerance + 1e-9]
-    return max(eligible, key=lambda r: (r["tokens_per_forward"], r["skip_threshold"], r["block_add_threshold"]))
+    return max(eligible, key=lambda r: (r["tokens_per_forward"], r["skip_threshold"], r["block_add_threshold"],
+                                        r["block_size"]))
 
 
 def main(argv=None) -> dict:
@@ -83,36 +102,41 @@ def _run(a) -> dict:
     problems = validation_problems(a.after, a.problems, a.seed, a.level)
     student = load_model(a.student, device=a.device).eval()
     tok = AutoTokenizer.from_pretrained(a.student)
-    rows = evaluate.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems)
+    blocks = a.sweep_block or (base.block_size,)
+    rows = evaluate.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems, blocks)
     chosen = pick(rows, a.tolerance)
     for r in rows:
         mark = " <- pick" if r is chosen else ""
-        print(f"skip {r['skip_threshold']:<5} add {r['block_add_threshold']:<4} accuracy {r['accuracy']:.3f} "
-              f"tokens/forward {r['tokens_per_forward']:.2f} tokens/s {r['tokens_per_s']:.0f}{mark}")
-    reference = None
+        print(f"block {r['block_size']:<3} skip {r['skip_threshold']:<5} add {r['block_add_threshold']:<4} "
+              f"accuracy {r['accuracy']:.3f} tokens/forward {r['tokens_per_forward']:.2f} "
+              f"tokens/s {r['tokens_per_s']:.0f}{mark}")
+    vanilla = []
     if a.teacher:
         teacher = load_model(a.teacher, device=a.device).eval()
-        vanilla = evaluate.vanilla_method(teacher, AutoTokenizer.from_pretrained(a.teacher), base.max_new_tokens,
-                                           base.block_size, base.max_new_tokens)
-        reference = evaluate.evaluate({"teacher-vanilla": vanilla}, problems, "teacher")["teacher-vanilla"]
-        reference = {k: v for k, v in reference.items() if k != "records"}
-        print(f"teacher, vanilla: accuracy {reference['accuracy']:.3f}")
+        t_tok = AutoTokenizer.from_pretrained(a.teacher)
+        methods = {size: evaluate.vanilla_method(teacher, t_tok, base.max_new_tokens, size, base.max_new_tokens)
+                   for size in a.vanilla_blocks or blocks}
+        res = evaluate.evaluate({f"vanilla, blocks of {n}": m for n, m in methods.items()}, problems, "teacher")
+        vanilla = [dict(block_size=n, **{k: v for k, v in r.items() if k != "records"})
+                   for n, r in zip(methods, res.values())]
+        for r in vanilla:
+            print(f"teacher, vanilla, blocks of {r['block_size']}: accuracy {r['accuracy']:.3f}")
     payload = dict(env=environment(), args=vars(a), base=dataclasses.asdict(base), rows=rows, pick=chosen,
-                   teacher_vanilla=reference)
+                   teacher_vanilla=vanilla)
     write_json(os.path.join(a.out, "tune.json"), payload)
-    cells = [[r["skip_threshold"], r["block_add_threshold"], f"{100 * r['accuracy']:.1f}%",
+    cells = [[r["block_size"], r["skip_threshold"], r["block_add_threshold"], f"{100 * r['accuracy']:.1f}%",
               f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.0f}"] for r in rows]
-    if reference:
-        cells.append(["teacher, vanilla", "", f"{100 * reference['accuracy']:.1f}%",
-                      f"{reference['tokens_per_forward']:.2f}", f"{reference['tokens_per_s']:.0f}"])
-    write_markdown(os.path.join(a.out, "tune.md"), ["skip_threshold", "block_add_threshold", "accuracy",
-                                                    "tokens / forward", "tokens / s"], cells)
+    cells += [[r["block_size"], "teacher, vanilla", "", f"{100 * r['accuracy']:.1f}%",
+               f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.0f}"] for r in vanilla]
+    write_markdown(os.path.join(a.out, "tune.md"), ["block_size", "skip_threshold", "block_add_threshold",
+                                                    "accuracy", "tokens / forward", "tokens / s"], cells)
     if a.write:
         # Set, not update(): GenerationConfig.update skips keys it does not already hold.
+        gc.block_size = chosen["block_size"]
         gc.skip_threshold, gc.block_add_threshold = chosen["skip_threshold"], chosen["block_add_threshold"]
         gc.save_pretrained(a.student)
-        print(f"wrote skip_threshold={chosen['skip_threshold']} block_add_threshold="
-              f"{chosen['block_add_threshold']} to {a.student}/generation_config.json")
+        print(f"wrote block_size={chosen['block_size']} skip_threshold={chosen['skip_threshold']} "
+              f"block_add_threshold={chosen['block_add_threshold']} to {a.student}/generation_config.json")
     return payload
 
 
