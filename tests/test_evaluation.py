@@ -57,8 +57,8 @@ def _d2f_eval(launcher: list[str], out: pathlib.Path, model_args: str) -> tuple[
 @pytest.fixture(scope="module")
 def bench_scores():
     """d2f_recipe.evaluate's scoring of the D2F student on the same problems and settings: its
-    generation_config thresholds, block 16, max_new_tokens 64, batch 1."""
-    a = argparse.Namespace(block_size=16, max_new_tokens=64, block_add_threshold=None,
+    generation_config block size and thresholds, max_new_tokens 64, batch 1."""
+    a = argparse.Namespace(block_size=None, student=SHIPPED, max_new_tokens=64, block_add_threshold=None,
                            decoded_token_threshold=None, skip_threshold=None)
     cfg = evaluate.d2f_config(a, SHIPPED)
     from transformers import AutoTokenizer
@@ -106,7 +106,7 @@ def test_d2f_eval_scores_as_the_recipe_evaluation(one_process, bench_scores):
     assert score == pytest.approx(bench_scores["accuracy"])
     # Greedy, batch 1, the same settings: the same tokens, hence the same counts.
     (run,) = speed["runs"]
-    assert run["world_size"] == 1 and run["settings"]["block_size"] == 16
+    assert run["world_size"] == 1 and run["settings"]["block_size"] == 8
     with open(os.path.join(SHIPPED, "generation_config.json")) as f:
         assert run["settings"]["skip_threshold"] == json.load(f)["skip_threshold"]  # tuned, not D2FConfig's
     total = run["total"]
