@@ -362,7 +362,7 @@ def test_distiller_data_weight_scores_the_batch_own_tokens(tiny_checkpoint):
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     extra = weighted.loss(b, 16, gen()) - plain.loss(b, 16, gen())
     noised, masked, ratio, blocks = distill.noise_batch(b, 16, plain.config.mask_token_id, gen())
-    s = plain.student_logits(noised, blocks)
+    s = plain.student_logits(noised, blocks).detach()
     ce = torch.nn.functional.cross_entropy(s[masked], b.ids[masked], reduction="none")
     assert masked.any() and float(extra.detach()) == pytest.approx(0.5 * float((ce / ratio[masked]).mean()), rel=1e-4)
 
