@@ -125,6 +125,18 @@ def test_evaluate_bad_arguments_name_themselves(args, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_vanilla_block_size_that_does_not_divide_the_canvas_fails_before_the_sweep(tmp_path, monkeypatch):
+    paths = evaluate.train_smoke(str(tmp_path))
+
+    def sweep(*args, **kwargs):
+        raise AssertionError("the student sweep ran before the teacher's settings were checked")
+
+    monkeypatch.setattr(evaluate, "run_sweep", sweep)
+    with pytest.raises(ValueError, match=r"max_new_tokens \(64\) must be a positive multiple of block_size \(5\)"):
+        tune.main(["--student", paths["student"], "--teacher", paths["teacher"], "--after", "3", "--problems", "1",
+                   "--vanilla-blocks", "5", "--threads", "1", "--out", str(tmp_path / "tune")])
+
+
 def test_a_student_without_its_generation_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--student: .*block_size and max_new_tokens"):
         tune.main(["--student", str(tmp_path), "--problems", "1"])

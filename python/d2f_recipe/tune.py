@@ -103,15 +103,8 @@ def _run(a) -> dict:
     student = load_model(a.student, device=a.device).eval()
     tok = AutoTokenizer.from_pretrained(a.student)
     blocks = a.sweep_block or (base.block_size,)
-    rows = evaluate.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems, blocks)
-    chosen = pick(rows, a.tolerance)
-    for r in rows:
-        mark = " <- pick" if r is chosen else ""
-        print(f"block {r['block_size']:<3} skip {r['skip_threshold']:<5} add {r['block_add_threshold']:<4} "
-              f"accuracy {r['accuracy']:.3f} tokens/forward {r['tokens_per_forward']:.2f} "
-              f"tokens/s {r['tokens_per_s']:.0f}{mark}")
     vanilla = []
-    if a.teacher:
+    if a.teacher:  # first: a block size vanilla decoding cannot take fails before the long sweep
         teacher = load_model(a.teacher, device=a.device).eval()
         t_tok = AutoTokenizer.from_pretrained(a.teacher)
         methods = {size: evaluate.vanilla_method(teacher, t_tok, base.max_new_tokens, size, base.max_new_tokens)
@@ -121,6 +114,13 @@ def _run(a) -> dict:
                    for n, r in zip(methods, res.values())]
         for r in vanilla:
             print(f"teacher, vanilla, blocks of {r['block_size']}: accuracy {r['accuracy']:.3f}")
+    rows = evaluate.run_sweep(base, a.sweep_skip, a.sweep_add, student, tok, problems, blocks)
+    chosen = pick(rows, a.tolerance)
+    for r in rows:
+        mark = " <- pick" if r is chosen else ""
+        print(f"block {r['block_size']:<3} skip {r['skip_threshold']:<5} add {r['block_add_threshold']:<4} "
+              f"accuracy {r['accuracy']:.3f} tokens/forward {r['tokens_per_forward']:.2f} "
+              f"tokens/s {r['tokens_per_s']:.0f}{mark}")
     payload = dict(env=environment(), args=vars(a), base=dataclasses.asdict(base), rows=rows, pick=chosen,
                    teacher_vanilla=vanilla)
     write_json(os.path.join(a.out, "tune.json"), payload)
