@@ -223,7 +223,42 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return out
 
 
+def _layer_part_kernel(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`rms_norm` and :func:`rope` run their kernel: float32 CPU tensors, no
+    gradient wanted (as :func:`linear` decides)."""
+    return HAVE_C and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``weight * input / sqrt(mean(input^2) + eps)``; input
+    [..., D], weight [D]. The d2f_ext kernel for float32 CPU tensors without a gradient wanted
+    (within float32 rounding of the reference: the sum of squares is added up in another order),
+    the reference otherwise."""
+    if not _layer_part_kernel(input, weight):
+        return reference.rms_norm(input, weight, eps)
+    return torch.ops.d2f_ext.rms_norm(input, weight, float(eps))
+
+
+def rope(input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of input [B, L, H, D] (last dim contiguous) by cos, sin float32
+    [B, L, 1, D] contiguous (``d2f_ext.models.layers.rope_cos_sin``). The d2f_ext kernel for
+    float32 CPU tensors without a gradient wanted, bit for bit the reference's result; the
+    reference otherwise."""
+    if not _layer_part_kernel(input, cos, sin) or input.dim() != 4 or input.stride(-1) != 1:
+        return reference.rope(input, cos, sin)
+    return torch.ops.d2f_ext.rope(input, cos.contiguous(), sin.contiguous())
+
+
 if HAVE_C:
+    @torch.library.register_fake("d2f_ext::rms_norm")
+    def _rms_norm_fake(input, weight, eps):
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("d2f_ext::rope")
+    def _rope_fake(input, cos, sin):
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("d2f_ext::attention")
     def _attention_fake(q, k, v, k_cache, v_cache, cache_lens, block_ids, cache_rows, scale, kernel=None):
         return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -60,6 +60,21 @@ def linear(input, weight, bias=None):
     return torch.nn.functional.linear(input, weight, bias)
 
 
+def rms_norm(input, weight, eps):
+    # Normalised in fp32 and cast back before the scale, as both reference models do.
+    h = input.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(input.dtype)
+
+
+def rope(input, cos, sin):
+    """Rotate-half RoPE on input [B, L, H, D] with cos, sin [B, L, 1, D], computed in fp32 and
+    returned in input's dtype."""
+    xf = input.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(input.dtype)
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     # int64 arithmetic keeps the low 32 bits exact, matching the uint32 hash in params.h.
     x = x ^ (x >> 16)

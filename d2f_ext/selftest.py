@@ -4,7 +4,8 @@
 Runs attention, store_kv, unmask and pipeline_step on the device (cuda when available, else
 cpu; ``--device``) against :mod:`d2f_ext.reference` (on CPU copies) at a few shapes and dtypes,
 prints one verdict line per op with its largest error, and exits with 1 if any op fails. On CUDA
-attention runs under each kernel setting of D2F_EXT_ATTENTION ("" and "mma").
+attention runs under each kernel setting of D2F_EXT_ATTENTION ("" and "mma"); on the CPU the
+CPU-only ops (linear, rms_norm, rope) run too.
 """
 
 from __future__ import annotations
@@ -163,6 +164,30 @@ def check_linear() -> float:
     return err
 
 
+def check_rms_norm() -> float:
+    """CPU only, like linear: within float32 rounding of the reference."""
+    g = torch.Generator().manual_seed(5)
+    err = 0.0
+    for R, D in ((16, 4096), (3, 13), (1, 1)):
+        x, w = torch.randn(R, D, generator=g), torch.randn(D, generator=g)
+        want = reference.rms_norm(x, w, 1e-5)
+        d = (torch.ops.d2f_ext.rms_norm(x, w, 1e-5) - want).abs().max().item()
+        assert d <= 1e-5 * max(1.0, want.abs().max().item()), f"R={R} D={D}: error {d:.3g}"
+        err = max(err, d)
+    return err
+
+
+def check_rope() -> None:
+    """CPU only: the reference's result bit for bit."""
+    from .models.layers import rope_cos_sin
+
+    g = torch.Generator().manual_seed(6)
+    for B, L, H, D in ((1, 32, 32, 128), (2, 3, 2, 6)):
+        cos, sin = rope_cos_sin(torch.randint(0, 4096, (B, L), generator=g), D, 500000.0)
+        x = torch.randn(B, L, H, D, generator=g)
+        assert torch.equal(torch.ops.d2f_ext.rope(x, cos, sin), reference.rope(x, cos, sin)), f"{B, L, H, D} differs"
+
+
 def run(device: torch.device) -> bool:
     """Prints one verdict line per op; True when all pass."""
     checks: list[tuple[str, Callable[[], Optional[float]]]] = []
@@ -172,7 +197,7 @@ def run(device: torch.device) -> bool:
     checks += [("store_kv", lambda: check_store_kv(device)), ("unmask", lambda: check_unmask(device)),
                ("pipeline_step", lambda: check_pipeline_step(device))]
     if device.type == "cpu":
-        checks.append(("linear", check_linear))
+        checks += [("linear", check_linear), ("rms_norm", check_rms_norm), ("rope", check_rope)]
     ok = True
     print(f"d2f_ext selftest on {device} ({ops.build_info()})")
     for name, check in checks:

@@ -13,7 +13,7 @@ from d2f_ext import ops, selftest
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_C, reason="d2f_ext._C not built")
 
-OPS = ("attention", "store_kv", "unmask", "pipeline_step", "linear")  # linear: CPU only
+OPS = ("attention", "store_kv", "unmask", "pipeline_step", "linear", "rms_norm", "rope")  # the last three: CPU only
 
 
 def test_selftest_passes_on_cpu(capsys):

@@ -13,6 +13,8 @@ void store_kv_cpu(const StoreKVParams& p);
 void unmask_cpu(const UnmaskParams& p);
 void pipeline_step_cpu(const PipelineParams& p);
 void linear_cpu(const LinearParams& p);
+void rms_norm_cpu(const RmsNormParams& p);
+void rope_cpu(const RopeParams& p);
 
 #if defined(D2F_WITH_CUDA)
 // `stream` is a cudaStream_t and an int result a cudaError_t, kept opaque so that this header

@@ -69,6 +69,34 @@ struct LinearParams {
   int rows, in_features, out_features;
 };
 
+// A layer's norms and RoPE, float32 on the CPU. A decoding step
+// runs them on its few window positions, where each is a few microseconds of work and the several
+// ATen ops of its PyTorch form cost many times that in dispatch.
+
+// RMSNorm of each row: output = weight * (input / sqrt(mean(input^2) + eps)), normalised and then
+// scaled, as both reference models do.
+struct RmsNormParams {
+  const float* input;   // [R, D], rows input_stride apart, last dim contiguous
+  const float* weight;  // [D]
+  float* output;        // [R, D] contiguous
+  int64_t input_stride;
+  int rows, dim;
+  float eps;
+};
+
+// Rotate-half rotary embedding of every head of every token: with h = D / 2,
+// output[d] = input[d] * cos[d] - input[d + h] * sin[d] for d < h and
+// output[d] = input[d] * cos[d] + input[d - h] * sin[d] from h on: the same products and sum as
+// PyTorch's x * cos + cat(-x2, x1) * sin, so the same float32 result.
+struct RopeParams {
+  const float* input;  // [T, H, D]: tokens token_stride apart, heads head_stride apart, last dim contiguous
+  const float* cos;    // [T, D] contiguous, shared by the heads
+  const float* sin;    // [T, D] contiguous
+  float* output;       // [T, H, D] contiguous
+  int64_t token_stride, head_stride;
+  int tokens, heads, head_dim;  // head_dim even
+};
+
 // How the forced single pick of a fully activated block ranks positions.
 enum class Confidence : int32_t { kProbability = 0, kMargin = 1, kNegEntropy = 2 };
 

@@ -54,6 +54,8 @@ TORCH_LIBRARY(d2f_ext, m) {
       "pipeline_step(Tensor(a!) rows, Tensor(b!) blocks, Tensor counts, Tensor eos_block, "
       "int block_size, float block_add_threshold, float decoded_token_threshold) -> ()");
   m.def("linear(Tensor input, Tensor weight) -> Tensor");
+  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor input, Tensor cos, Tensor sin) -> Tensor");
   m.def("build_info() -> str", &build_info);
   m.def("set_debug_checks(bool on) -> bool", &set_debug_checks);
   m.def("debug_checks() -> bool", &debug_checks);

@@ -12,7 +12,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import TransformerLayer, project, rope_cos_sin
+from .layers import TransformerLayer, normalize, project, rope_cos_sin
 
 
 def block_mask(block_ids: torch.Tensor) -> torch.Tensor:
@@ -93,8 +93,10 @@ class DiffusionLM(nn.Module):
 
     def head(self, hidden: torch.Tensor, impl: Optional[ModuleType] = None) -> torch.Tensor:
         """Logits of final hidden states (any leading shape): the final norm and the output head
-        (``impl.linear`` on a plain head, see :meth:`window_hidden`)."""
-        return self.output_logits(self.final_norm()(hidden), impl)
+        (``impl.rms_norm`` and ``impl.linear`` on plain modules, see :meth:`window_hidden`)."""
+        if impl is None:
+            from .. import ops as impl
+        return self.output_logits(normalize(self.final_norm(), hidden, impl), impl)
 
     @torch.no_grad()
     def window_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, block_ids: torch.Tensor,
@@ -111,7 +113,8 @@ class DiffusionLM(nn.Module):
         in every layer; cache_lens itself is left for the caller to advance. cache_rows: the
         cache row of each batch row (default b). impl: the module whose ``attention``,
         ``store_kv`` and ``linear`` (every plain linear layer's) run (default :mod:`d2f_ext.ops`;
-        :mod:`d2f_ext.reference` for plain PyTorch).
+        :mod:`d2f_ext.reference` for plain PyTorch), and whose ``rms_norm`` and ``rope`` run the
+        plain norms and RoPE.
         Inference only: runs without autograd.
 
         packed: int64 [N], the flat indices (b * W + i) of the window positions that are not

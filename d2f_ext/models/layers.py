@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import reference
 from .config import ModelConfig
 
 
@@ -19,10 +20,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in fp32 and cast back before the scale, as both reference models do.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return reference.rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,21 +32,28 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, L, H, D], computed in fp32 and returned in x's dtype."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+def _as_is(module: nn.Module, cls: type) -> bool:
+    """Whether module computes exactly what cls does: not a subclass (as PEFT's layers are), no
+    hooks (e.g. accelerate's offload), no forward patched onto it."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__)
 
 
 def project(module: nn.Module, x: torch.Tensor, impl: Optional[ModuleType]) -> torch.Tensor:
     """``module(x)`` for a linear module; a plain ``nn.Linear`` runs as ``impl.linear`` (d2f_ext's
     few-row kernel, see :func:`d2f_ext.ops.linear`) when impl is given. A PEFT layer or hooks
     (e.g. accelerate's offload) keep the module's own forward."""
-    if (impl is not None and type(module) is nn.Linear and not module._forward_hooks
-            and not module._forward_pre_hooks and "forward" not in module.__dict__):
+    if impl is not None and _as_is(module, nn.Linear):
         return impl.linear(x, module.weight, module.bias)
     return module(x)
+
+
+def normalize(norm: nn.Module, x: torch.Tensor, impl: Optional[ModuleType]) -> torch.Tensor:
+    """``norm(x)``; a plain :class:`RMSNorm` runs as ``impl.rms_norm`` when impl is given (as
+    :func:`project` runs a linear layer)."""
+    if impl is not None and _as_is(norm, RMSNorm):
+        return impl.rms_norm(x, norm.weight, norm.eps)
+    return norm(x)
 
 
 def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module,
@@ -83,19 +88,21 @@ class TransformerLayer(nn.Module):
         return parts
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: Optional[ModuleType] = None):
-        """q [B, L, H, D], k and v [B, L, Hkv, D], RoPE applied to q and k. impl: the linear
-        layers' ``linear`` (see :func:`project`); None runs the modules as they are."""
+        """q [B, L, H, D], k and v [B, L, Hkv, D], RoPE applied to q and k. impl: the module
+        whose ``linear``, ``rms_norm`` and ``rope`` run (see :func:`project`); None runs the
+        modules as they are and RoPE as :mod:`d2f_ext.reference` does."""
         norm, q_proj, k_proj, v_proj = self._parts()[:4]
         B, L, _ = x.shape
-        h = norm(x)
+        h = normalize(norm, x, impl)
         q = project(q_proj, h, impl).view(B, L, self.num_heads, self.head_dim)
         k = project(k_proj, h, impl).view(B, L, self.num_kv_heads, self.head_dim)
         v = project(v_proj, h, impl).view(B, L, self.num_kv_heads, self.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        rope = (impl or reference).rope
+        return rope(q, cos, sin), rope(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor, impl: Optional[ModuleType] = None) -> torch.Tensor:
         """The residual stream after this layer, given the attention output [B, L, H, D]; impl
         as in :meth:`qkv`."""
         o_proj, norm, gate, up, down = self._parts()[4:]
         x = x + project(o_proj, attn_out.reshape(*x.shape[:2], -1), impl)
-        return x + swiglu(norm(x), gate, up, down, impl)
+        return x + swiglu(normalize(norm, x, impl), gate, up, down, impl)
