@@ -32,6 +32,17 @@ def test_strided_rows_and_the_thread_count_do_not_change_a_bit():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("K", [256, 37])
+def test_a_row_does_not_depend_on_the_other_rows(K):
+    """Rows go through tiles of 4 and a shorter last one: each output is summed in the same
+    order in every tile, so a row gives the same bits alone as among 5, 9 or 16."""
+    g = torch.Generator().manual_seed(K)
+    w, x = torch.randn(100, K, generator=g), torch.randn(16, K, generator=g)
+    alone = torch.cat([torch.ops.d2f_ext.linear(x[i:i + 1], w) for i in range(16)])
+    for R in (2, 3, 5, 9, 16):
+        assert torch.equal(torch.ops.d2f_ext.linear(x[:R], w), alone[:R])
+
+
 def test_empty():
     assert torch.ops.d2f_ext.linear(torch.randn(0, 8), torch.randn(5, 8)).shape == (0, 5)
     assert torch.ops.d2f_ext.linear(torch.randn(3, 8), torch.randn(0, 8)).shape == (3, 0)
