@@ -203,8 +203,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     None -> [..., N].
 
     float32 on the CPU at up to :func:`linear_kernel_max_rows` rows (a decoding step's window or
-    the positions it reads), with no gradient wanted, runs the d2f_ext kernel (the bias added
-    after): one pass over the weight, every output one thread's sum in a fixed order (so
+    the positions it reads), with no gradient wanted, runs the d2f_ext kernel (the bias added to
+    each finished sum): one pass over the weight, every output one thread's sum in a fixed order (so
     independent of the thread count), within float32 rounding of BLAS. Everything else is
     ``F.linear``.
     """
@@ -217,8 +217,12 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     flat = input.reshape(rows, input.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    out = torch.ops.d2f_ext.linear(flat, weight.contiguous()).reshape(*input.shape[:-1], weight.shape[0])
-    if bias is not None:  # on the output's own shape, so a bias broadcasts as F.linear's does
+    # A bias of the output features is added in the kernel; any other (a bias over the leading
+    # dimensions too) after it, on the output's own shape, so that it broadcasts as F.linear's does.
+    fused = bias is not None and bias.shape == weight.shape[:1] and bias.is_contiguous()
+    out = torch.ops.d2f_ext.linear(flat, weight.contiguous(), bias if fused else None)
+    out = out.reshape(*input.shape[:-1], weight.shape[0])
+    if bias is not None and not fused:
         out += bias
     return out
 
@@ -275,7 +279,7 @@ if HAVE_C:
                 logits.new_empty((B,), dtype=torch.int32))
 
     @torch.library.register_fake("d2f_ext::linear")
-    def _linear_fake(input, weight):
+    def _linear_fake(input, weight, bias=None):
         return input.new_empty((input.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("d2f_ext::pipeline_step")

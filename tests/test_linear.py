@@ -70,6 +70,27 @@ def test_bad_input_names_the_argument(bad, match):
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.d2f_ext.linear, (torch.randn(3, 16), torch.randn(9, 16)))
+    torch.library.opcheck(torch.ops.d2f_ext.linear, (torch.randn(3, 16), torch.randn(9, 16), torch.randn(9)))
+
+
+@pytest.mark.parametrize("K", [64, 5, 0])
+def test_the_bias_is_added_to_each_finished_sum(K):
+    """Fused into the kernel, the bias gives the bits of adding it after."""
+    g = torch.Generator().manual_seed(K)
+    w, x, b = torch.randn(10, K, generator=g), torch.randn(7, K, generator=g), torch.randn(10, generator=g)
+    assert torch.equal(torch.ops.d2f_ext.linear(x, w, b), torch.ops.d2f_ext.linear(x, w) + b)
+    torch.testing.assert_close(torch.ops.d2f_ext.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda b: b[None], "bias must be 1-D"),
+    (lambda b: b.double(), "bias must have dtype"),
+    (lambda b: b[:5], r"bias.size\(0\) must equal weight.size\(0\)"),
+    (lambda b: torch.randn(12)[::2], "bias must be contiguous"),
+])
+def test_a_bad_bias_is_named(bad, match):
+    with pytest.raises(RuntimeError, match=f"linear: {match}"):
+        torch.ops.d2f_ext.linear(torch.randn(4, 8), torch.randn(6, 8), bad(torch.randn(6)))
 
 
 @pytest.mark.parametrize("threads,max_rows", [(1, 16), (2, 48), (3, 48)])

@@ -65,6 +65,7 @@ D2F_INLINE void tile(const LinearParams& p, int v0, int nv, int r0) {
     for (int r = 0; r < ROWS; ++r) {
       float s = sums[v * ROWS + r];
       for (int k = body; k < K; ++k) s += w[v][k] * x[r][k];
+      if (p.bias != nullptr) s += p.bias[v0 + v];
       p.output[static_cast<int64_t>(r0 + r) * p.out_features + v0 + v] = s;
     }
   }

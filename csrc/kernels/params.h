@@ -64,6 +64,7 @@ struct StoreKVParams {
 struct LinearParams {
   const float* input;   // [R, K], rows input_stride apart, last dim contiguous
   const float* weight;  // [N, K] contiguous
+  const float* bias;    // [N], added to each sum; nullptr for none
   float* output;        // [R, N] contiguous
   int64_t input_stride;
   int rows, in_features, out_features;

@@ -53,7 +53,7 @@ TORCH_LIBRARY(d2f_ext, m) {
   m.def(
       "pipeline_step(Tensor(a!) rows, Tensor(b!) blocks, Tensor counts, Tensor eos_block, "
       "int block_size, float block_add_threshold, float decoded_token_threshold) -> ()");
-  m.def("linear(Tensor input, Tensor weight) -> Tensor");
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor input, Tensor cos, Tensor sin) -> Tensor");
   m.def("build_info() -> str", &build_info);

@@ -11,7 +11,7 @@ namespace {
 namespace C = d2f::checks;
 constexpr const char* kOp = "linear";
 
-at::Tensor linear(const at::Tensor& input, const at::Tensor& weight) {
+at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   C::check_dim(kOp, "input", input, 2, "[R, K]");
   C::check_dtype(kOp, "input", input, {at::kFloat});
   C::check_last_dim_contiguous(kOp, "input", input);
@@ -20,6 +20,13 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight) {
   C::check_contiguous(kOp, "weight", weight);
   C::check_size(kOp, "weight", weight, 1, input.size(1), "input.size(1)");
   C::check_same_device(kOp, "weight", weight, "input", input);
+  if (bias) {
+    C::check_dim(kOp, "bias", *bias, 1, "[N]");
+    C::check_dtype(kOp, "bias", *bias, {at::kFloat});
+    C::check_contiguous(kOp, "bias", *bias);
+    C::check_size(kOp, "bias", *bias, 0, weight.size(0), "weight.size(0)");
+    C::check_same_device(kOp, "bias", *bias, "input", input);
+  }
   const int rows = C::checked_int(kOp, "input.size(0) (rows)", input.size(0));
   const int K = C::checked_int(kOp, "input.size(1) (in features)", input.size(1));
   const int N = C::checked_int(kOp, "weight.size(0) (out features)", weight.size(0));
@@ -28,6 +35,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight) {
   d2f::LinearParams p{};
   p.input = input.data_ptr<float>();
   p.weight = weight.data_ptr<float>();
+  p.bias = bias ? bias->data_ptr<float>() : nullptr;
   p.output = output.data_ptr<float>();
   p.input_stride = input.stride(0);
   p.rows = rows;
