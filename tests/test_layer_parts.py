@@ -26,6 +26,7 @@ def test_rms_norm_of_zeros_and_empty():
     w = torch.randn(8)
     assert torch.equal(torch.ops.d2f_ext.rms_norm(torch.zeros(3, 8), w, 1e-5), torch.zeros(3, 8))
     assert torch.ops.d2f_ext.rms_norm(torch.zeros(0, 8), w, 1e-5).shape == (0, 8)
+    assert torch.ops.d2f_ext.rms_norm(torch.zeros(3, 0), torch.zeros(0), 1e-5).shape == (3, 0)
 
 
 @pytest.mark.parametrize("B,L,H,D", [(1, 16, 4, 64), (2, 5, 3, 128), (1, 3, 2, 6), (2, 1, 1, 2), (1, 7, 2, 20)])

@@ -70,9 +70,9 @@ struct LinearParams {
   int rows, in_features, out_features;
 };
 
-// A layer's norms and RoPE, float32 on the CPU. A decoding step
-// runs them on its few window positions, where each is a few microseconds of work and the several
-// ATen ops of its PyTorch form cost many times that in dispatch.
+// A layer's norms and RoPE, float32 on the CPU. A decoding step runs them on its few window
+// positions, where each is a few microseconds of work and the several ATen ops of its PyTorch form
+// cost many times that in dispatch.
 
 // RMSNorm of each row: output = weight * (input / sqrt(mean(input^2) + eps)), normalised and then
 // scaled, as both reference models do.

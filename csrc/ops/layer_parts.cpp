@@ -19,11 +19,11 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double ep
   C::check_contiguous(kOp, "weight", weight);
   C::check_size(kOp, "weight", weight, 0, input.size(-1), "input.size(-1)");
   C::check_same_device(kOp, "weight", weight, "input", input);
+  at::Tensor output = at::empty(input.sizes(), input.options());
+  if (input.numel() == 0) return output;
   const int64_t D = input.size(-1);
   at::Tensor rows = input.reshape({-1, D});
-  if (D > 0 && rows.stride(1) != 1) rows = rows.contiguous();
-  at::Tensor output = at::empty(input.sizes(), input.options());
-  if (rows.size(0) == 0 || D == 0) return output;
+  if (rows.stride(1) != 1) rows = rows.contiguous();
   d2f::RmsNormParams p{};
   p.input = rows.data_ptr<float>();
   p.weight = weight.data_ptr<float>();
