@@ -198,6 +198,13 @@ def linear_kernel_max_rows() -> int:
     return LINEAR_KERNEL_MAX_ROWS_ONE_THREAD if torch.get_num_threads() == 1 else LINEAR_KERNEL_MAX_ROWS
 
 
+def _cpu_kernel_applies(*tensors: torch.Tensor) -> bool:
+    """Whether a CPU-only op (:func:`linear`, :func:`rms_norm`, :func:`rope`) may run its kernel
+    on these tensors: all float32 on the CPU, no gradient wanted (the kernels have no backward)."""
+    return HAVE_C and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A linear layer, ``input @ weight.T + bias``: input [..., K], weight [N, K], bias [N] or
     None -> [..., N].
@@ -209,10 +216,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ``F.linear``.
     """
     rows = math.prod(input.shape[:-1])
-    if (not HAVE_C or input.device.type != "cpu" or input.dtype != torch.float32
-            or weight.dtype != torch.float32 or weight.dim() != 2 or rows > linear_kernel_max_rows()
-            or (bias is not None and bias.dtype != torch.float32)
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)))):
+    if (not _cpu_kernel_applies(input, weight, *([] if bias is None else [bias])) or weight.dim() != 2
+            or rows > linear_kernel_max_rows()):
         return reference.linear(input, weight, bias)
     flat = input.reshape(rows, input.shape[-1])
     if flat.stride(-1) != 1:
@@ -227,19 +232,12 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return out
 
 
-def _layer_part_kernel(*tensors: torch.Tensor) -> bool:
-    """Whether :func:`rms_norm` and :func:`rope` run their kernel: float32 CPU tensors, no
-    gradient wanted (as :func:`linear` decides)."""
-    return HAVE_C and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
 def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension: ``weight * input / sqrt(mean(input^2) + eps)``; input
     [..., D], weight [D]. The d2f_ext kernel for float32 CPU tensors without a gradient wanted
     (within float32 rounding of the reference: the sum of squares is added up in another order),
     the reference otherwise."""
-    if not _layer_part_kernel(input, weight):
+    if not _cpu_kernel_applies(input, weight):
         return reference.rms_norm(input, weight, eps)
     return torch.ops.d2f_ext.rms_norm(input, weight, float(eps))
 
@@ -249,7 +247,7 @@ def rope(input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     [B, L, 1, D] contiguous (``d2f_ext.models.layers.rope_cos_sin``). The d2f_ext kernel for
     float32 CPU tensors without a gradient wanted, bit for bit the reference's result; the
     reference otherwise."""
-    if not _layer_part_kernel(input, cos, sin) or input.dim() != 4 or input.stride(-1) != 1:
+    if not _cpu_kernel_applies(input, cos, sin) or input.dim() != 4 or input.stride(-1) != 1:
         return reference.rope(input, cos, sin)
     return torch.ops.d2f_ext.rope(input, cos.contiguous(), sin.contiguous())
 
