@@ -17,7 +17,10 @@ using simd::VecF;
 typedef int32_t Idx __attribute__((vector_size(32)));
 // A tile: 3 output features x up to 4 input rows, twelve vector accumulators. Each step of the K
 // loop loads 3 weight and 4 input vectors for 12 multiply-adds; the 4 x 2 tile it replaced loaded
-// 6 for 8 and ran about 1.5x slower at the shipped model's shapes.
+// 6 for 8 and ran about 1.5x slower at the shipped model's shapes. The step holds the 3 weight
+// vectors and one input vector at a time: 12 + 3 + 1 is AVX2's 16 registers, where holding the 4
+// input vectors and one weight vector (17) spilled an accumulator to the stack, and every step
+// then waited on a store and a reload (about 1.5-2x slower).
 constexpr int kTileOut = 3, kTileRows = 4;
 
 // Pairwise lane sums of a and b: {a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7}.
@@ -45,11 +48,11 @@ D2F_INLINE void tile(const LinearParams& p, int v0, int nv, int r0) {
   for (int v = 0; v < kTileOut; ++v) w[v] = p.weight + static_cast<int64_t>(v0 + std::min(v, nv - 1)) * K;
   VecF acc[kTileOut * ROWS] = {};  // acc[v * ROWS + r]
   for (int k = 0; k < body; k += simd::kLanes) {
-    VecF xv[ROWS];
-    for (int r = 0; r < ROWS; ++r) xv[r] = simd::load(x[r] + k);
-    for (int v = 0; v < kTileOut; ++v) {
-      const VecF wv = simd::load(w[v] + k);
-      for (int r = 0; r < ROWS; ++r) acc[v * ROWS + r] += wv * xv[r];
+    VecF wv[kTileOut];
+    for (int v = 0; v < kTileOut; ++v) wv[v] = simd::load(w[v] + k);
+    for (int r = 0; r < ROWS; ++r) {
+      const VecF xv = simd::load(x[r] + k);
+      for (int v = 0; v < kTileOut; ++v) acc[v * ROWS + r] += wv[v] * xv;
     }
   }
   // Padded to whole groups of four with zero vectors, whose sums are not stored.
