@@ -47,7 +47,16 @@ D2F_INLINE void tile(const LinearParams& p, int v0, int nv, int r0) {
   for (int r = 0; r < ROWS; ++r) x[r] = p.input + (r0 + r) * p.input_stride;
   for (int v = 0; v < kTileOut; ++v) w[v] = p.weight + static_cast<int64_t>(v0 + std::min(v, nv - 1)) * K;
   VecF acc[kTileOut * ROWS] = {};  // acc[v * ROWS + r]
+  // The first row tile also prefetches the next tile's weight rows (contiguous after this tile's),
+  // kTileOut vectors' worth a step, so that they are in cache when the tile ends: a model's
+  // weights stream from L3 or memory, and each tile reads only a few KB, too little for the
+  // hardware prefetcher to get ahead of the loads.
+  const int64_t ahead = r0 == 0 ? std::min(kTileOut, p.out_features - v0 - kTileOut) * static_cast<int64_t>(K) : 0;
+  const float* next = p.weight + std::min<int64_t>(v0 + kTileOut, p.out_features) * K;
   for (int k = 0; k < body; k += simd::kLanes) {
+    const int64_t at = static_cast<int64_t>(kTileOut) * k;
+    if (at < ahead) __builtin_prefetch(next + at);
+    if (at + 16 < ahead) __builtin_prefetch(next + at + 16);
     VecF wv[kTileOut];
     for (int v = 0; v < kTileOut; ++v) wv[v] = simd::load(w[v] + k);
     for (int r = 0; r < ROWS; ++r) {
