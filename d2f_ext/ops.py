@@ -184,18 +184,11 @@ def pipeline_step(rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor
     torch.ops.d2f_ext.pipeline_step(*args)
 
 
-# A linear layer runs as the d2f_ext kernel up to 16 rows at one thread and 48 at more, and as
-# torch's BLAS (F.linear) above: BLAS catches up where its blocking reuses each weight tile across
-# enough rows, from about 16-24 rows at one thread and 48-64 at two, where it spreads few rows
-# over the threads poorly (2-core x86-64, the shipped model's layers and the conformance models'
-# heads: python -m d2f_bench.linear, results/linear).
-LINEAR_KERNEL_MAX_ROWS_ONE_THREAD = 16
+# A linear layer runs as the d2f_ext kernel up to 48 rows and as torch's BLAS (F.linear) above,
+# where BLAS's blocking reuses each weight tile across enough rows to catch up (2-core x86-64 with
+# AVX-512, the shipped model's layers and the conformance models' heads, at 1 and 2 threads: the
+# kernel still leads at 48 rows; python -m d2f_bench.linear, results/linear).
 LINEAR_KERNEL_MAX_ROWS = 48
-
-
-def linear_kernel_max_rows() -> int:
-    """The most rows :func:`linear` runs its kernel on at the current torch thread count."""
-    return LINEAR_KERNEL_MAX_ROWS_ONE_THREAD if torch.get_num_threads() == 1 else LINEAR_KERNEL_MAX_ROWS
 
 
 def _cpu_kernel_applies(*tensors: torch.Tensor) -> bool:
@@ -209,7 +202,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """A linear layer, ``input @ weight.T + bias``: input [..., K], weight [N, K], bias [N] or
     None -> [..., N].
 
-    float32 on the CPU at up to :func:`linear_kernel_max_rows` rows (a decoding step's window or
+    float32 on the CPU at up to ``LINEAR_KERNEL_MAX_ROWS`` rows (a decoding step's window or
     the positions it reads), with no gradient wanted, runs the d2f_ext kernel (the bias added to
     each finished sum): one pass over the weight, every output one thread's sum in a fixed order (so
     independent of the thread count), within float32 rounding of BLAS. Everything else is
@@ -217,7 +210,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """
     rows = math.prod(input.shape[:-1])
     if (not _cpu_kernel_applies(input, weight, *([] if bias is None else [bias])) or weight.dim() != 2
-            or rows > linear_kernel_max_rows()):
+            or rows > LINEAR_KERNEL_MAX_ROWS):
         return reference.linear(input, weight, bias)
     flat = input.reshape(rows, input.shape[-1])
     if flat.stride(-1) != 1:

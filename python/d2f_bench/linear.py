@@ -3,7 +3,7 @@ against torch's ``F.linear``, float32, in one run with the two alternating, on t
 models' output heads (126464 and 151936 x 128) and the shipped model's layers (768 x 256,
 256 x 768, 256 x 256), rows 1 to 48, at 1 and 2 threads. A timed call runs the op over enough
 distinct weights of the shape to fill 16 MB, as a model's layers stream theirs, and the time is per
-weight. Sets where ``ops.linear_kernel_max_rows`` should lie on this machine. Prints a table,
+weight. Sets where ``ops.LINEAR_KERNEL_MAX_ROWS`` should lie on this machine. Prints a table,
 writes JSON, a markdown table and a plot.
 
     python -m d2f_bench.linear [--rows 1 2 4 8 16 24 32 48] [--threads 1 2] [--repeat 7] [--out results/linear]
