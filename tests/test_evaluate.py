@@ -43,6 +43,10 @@ def test_smoke_writes_all_methods_with_consistent_numbers(smoke):
     # Vanilla decoding takes exactly its steps; the AR baseline one forward per new token.
     assert all(r["forwards"] == saved["args"]["max_new_tokens"] for r in rows["teacher-vanilla"]["records"])
     assert all(r["forwards"] in (r["tokens"], r["tokens"] + 1) for r in rows["ar"]["records"])
+    for other in ("teacher-vanilla", "ar"):  # the paired split accounts for the accuracy gap
+        pr = saved["paired"][f"d2f_vs_{other}"]
+        assert pr["only_first"] - pr["only_second"] == round(3 * (rows["d2f"]["accuracy"] - rows[other]["accuracy"]))
+        assert 0.0 < pr["p_value"] <= 1.0
     md = (out / "e2e.md").read_text().splitlines()
     assert len(md) == 2 + len(evaluate.METHODS) and md[0].startswith("| method |")
     assert (out / "e2e.png").stat().st_size > 0
@@ -83,3 +87,24 @@ def test_accuracy_points_exact_at_the_target():
                           "ar": {**row, "accuracy": 0.90}})
     assert r["d2f_minus_vanilla_points"] == -3.0 and r["d2f_minus_ar_points"] == -8.0
     assert r["vanilla_minus_ar_points"] == -5.0
+
+
+def _records(right: str) -> list[dict]:
+    return [dict(answer=i, predicted=i if c == "1" else -1) for i, c in enumerate(right)]
+
+
+def test_paired_counts_the_split_and_its_exact_p_value():
+    r = evaluate.paired({"records": _records("11001")}, {"records": _records("10100")})
+    assert (r["only_first"], r["only_second"]) == (2, 1) and r["p_value"] == 1.0
+    # 9 against 1: 2 * (1 + 10) / 2**10.
+    r = evaluate.paired({"records": _records("1" * 9 + "0" + "1" * 5)}, {"records": _records("0" * 9 + "1" + "1" * 5)})
+    assert (r["only_first"], r["only_second"]) == (9, 1) and r["p_value"] == pytest.approx(22 / 1024)
+    assert evaluate.paired({"records": _records("101")}, {"records": _records("101")})["p_value"] == 1.0
+
+
+def test_paired_refuses_records_of_other_problems():
+    with pytest.raises(ValueError, match="same problems"):
+        evaluate.paired({"records": _records("11")}, {"records": _records("111")})
+    other = [dict(answer=7, predicted=7), dict(answer=1, predicted=1)]
+    with pytest.raises(ValueError, match="same problems"):
+        evaluate.paired({"records": _records("11")}, {"records": other})

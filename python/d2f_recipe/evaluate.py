@@ -6,7 +6,8 @@ in its generation_config.json (d2f_recipe.tune picks them on other problems) unl
 
 Per method: accuracy (answer_of on the decoded text), the share of written arithmetic steps that
 are right (task_math.steps_right), generated tokens/s (tokens before EOS only), forwards per
-sequence and tokens per forward. Methods alternate problem by problem so that
+sequence and tokens per forward; the student against the teacher's vanilla decoding and the AR
+model problem by problem (paired: McNemar). Methods alternate problem by problem so that
 machine noise hits all alike. Writes e2e.json, e2e.md and e2e.png (tokens/s vs accuracy); --sweep
 adds the student over a skip_threshold x block_add_threshold grid (sweep.json, .md, .png).
 --smoke trains tiny models in a temporary folder and checks the outputs (CI).
@@ -232,6 +233,21 @@ def ratios(rows: dict[str, dict]) -> dict:
                 d2f_minus_ar_points=_points(d["accuracy"], ar["accuracy"]))
 
 
+def paired(a: dict, b: dict) -> dict:
+    """Two methods' results on the same problems, problem by problem: how many only ``a`` got
+    right, how many only ``b``, and the exact two-sided McNemar p-value of that split (the chance
+    of one at least as uneven between two equally accurate methods). On 100 problems a gap of a
+    few points of accuracy is often within chance; this says how often."""
+    ra, rb = a["records"], b["records"]
+    if len(ra) != len(rb) or any(x["answer"] != y["answer"] for x, y in zip(ra, rb)):
+        raise ValueError("paired: the two methods' records are not of the same problems")
+    only_a = sum(x["predicted"] == x["answer"] and y["predicted"] != y["answer"] for x, y in zip(ra, rb))
+    only_b = sum(y["predicted"] == y["answer"] and x["predicted"] != x["answer"] for x, y in zip(ra, rb))
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return dict(only_first=only_a, only_second=only_b, p_value=min(1.0, 2 * tail))
+
+
 def report(rows: dict[str, dict], r: dict) -> None:
     """The table, then the ratios against the recipe's targets: the teacher's vanilla accuracy at
     most 5 points below AR's; the student's tokens/s >= 2x AR and >= 20x teacher-vanilla, its
@@ -252,6 +268,10 @@ def report(rows: dict[str, dict], r: dict) -> None:
                               ("d2f_minus_vanilla_points", "D2F - vanilla accuracy", -3),
                               ("d2f_minus_ar_points", "D2F - AR accuracy", -5)):
         line(label, r[key], " points", f">= {floor} points", r[key] >= floor)
+    for other in ("teacher-vanilla", "ar"):
+        pr = paired(rows["d2f"], rows[other])
+        print(f"d2f vs {other}, problem by problem: only d2f right on {pr['only_first']}, only {other} on "
+              f"{pr['only_second']} (McNemar p = {pr['p_value']:.3f})")
 
 
 def table_rows(rows: dict[str, dict], ar_speed: float | None = None) -> list[list]:
@@ -404,6 +424,7 @@ def _run(a) -> dict:
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     payload = dict(env=environment(), args=vars(a), d2f_config=dataclasses.asdict(cfg),
                    fast_dllm_config=dataclasses.asdict(fast), methods=rows, ratios=r,
+                   paired={f"d2f_vs_{o}": paired(rows["d2f"], rows[o]) for o in ("teacher-vanilla", "ar")},
                    kernel_equals_reference=same, params=params)
     write_json(os.path.join(a.out, "e2e.json"), payload)
     write_markdown(os.path.join(a.out, "e2e.md"), HEADER, table_rows(rows, rows["ar"]["tokens_per_s"]))
