@@ -202,12 +202,13 @@ def test_stop_cuts_before_the_stop_string(model, client):
 
 def test_sampling_follows_the_seed(model, client):
     ids = _chat_ids(model, _question(random.Random(4)))
-    kw = dict(model=NAME, prompt=ids, temperature=0.9, top_p=0.95, max_tokens=48)
+    # Hot enough that the shipped model, sure of most tokens, still samples differently per seed.
+    kw = dict(model=NAME, prompt=ids, temperature=1.5, top_p=1.0, max_tokens=48)
     a = client.completions.create(seed=11, **kw).choices[0].text
     assert client.completions.create(seed=11, **kw).choices[0].text == a
     texts = {client.completions.create(seed=s, **kw).choices[0].text for s in range(12, 16)}
     assert len(texts | {a}) > 1  # the seed matters
-    alone, _, _ = _alone(model, ids, do_sample=True, temperature=0.9, top_p=0.95, seed=11, max_new_tokens=48)
+    alone, _, _ = _alone(model, ids, do_sample=True, temperature=1.5, top_p=1.0, seed=11, max_new_tokens=48)
     assert a == alone
 
 

@@ -22,7 +22,7 @@ def test_shipped_folder_is_a_checkpoint_with_decoding_settings(model):
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
     assert sum(os.path.getsize(os.path.join(cli.DEFAULT_MODEL, n)) for n in names) < 30 * 2 ** 20
     gc = model.generation_config
-    assert (gc.block_size, gc.max_new_tokens) == (8, 64)
+    assert (gc.block_size, gc.max_new_tokens) == (4, 64)
     tok = model.tokenizer
     assert (tok.mask_token_id, tok.eos_token_id) == (model.config.mask_token_id, model.config.eos_token_id)
 
