@@ -233,6 +233,10 @@ def ratios(rows: dict[str, dict]) -> dict:
                 d2f_minus_ar_points=_points(d["accuracy"], ar["accuracy"]))
 
 
+# The methods the student is compared with problem by problem.
+PAIRED_WITH = ("teacher-vanilla", "ar")
+
+
 def paired(a: dict, b: dict) -> dict:
     """Two methods' results on the same problems, problem by problem: how many only ``a`` got
     right, how many only ``b``, and the exact two-sided McNemar p-value of that split (the chance
@@ -248,10 +252,11 @@ def paired(a: dict, b: dict) -> dict:
     return dict(only_first=only_a, only_second=only_b, p_value=min(1.0, 2 * tail))
 
 
-def report(rows: dict[str, dict], r: dict) -> None:
+def report(rows: dict[str, dict], r: dict, pairs: dict[str, dict]) -> None:
     """The table, then the ratios against the recipe's targets: the teacher's vanilla accuracy at
     most 5 points below AR's; the student's tokens/s >= 2x AR and >= 20x teacher-vanilla, its
-    accuracy at most 3 points below the teacher's and 5 below AR's."""
+    accuracy at most 3 points below the teacher's and 5 below AR's; then ``pairs``, the student
+    against each of PAIRED_WITH problem by problem."""
     print(f"\n{'method':18} {'acc':>6} {'steps':>6} {'tok/s':>9} {'fwd/seq':>8} {'TPF':>6}")
     for n, s in rows.items():
         print(f"{n:18} {s['accuracy']:6.3f} {s['step_accuracy']:6.3f} {s['tokens_per_s']:9.1f} "
@@ -268,8 +273,8 @@ def report(rows: dict[str, dict], r: dict) -> None:
                               ("d2f_minus_vanilla_points", "D2F - vanilla accuracy", -3),
                               ("d2f_minus_ar_points", "D2F - AR accuracy", -5)):
         line(label, r[key], " points", f">= {floor} points", r[key] >= floor)
-    for other in ("teacher-vanilla", "ar"):
-        pr = paired(rows["d2f"], rows[other])
+    for other in PAIRED_WITH:
+        pr = pairs[f"d2f_vs_{other}"]
         print(f"d2f vs {other}, problem by problem: only d2f right on {pr['only_first']}, only {other} on "
               f"{pr['only_second']} (McNemar p = {pr['p_value']:.3f})")
 
@@ -418,13 +423,14 @@ def _run(a) -> dict:
     rows = evaluate(methods, problems, "e2e")
     same = [r["ids"] for r in rows["d2f"]["records"]] == [r["ids"] for r in rows["d2f-reference"]["records"]]
     r = ratios(rows)
-    report(rows, r)
+    pairs = {f"d2f_vs_{o}": paired(rows["d2f"], rows[o]) for o in PAIRED_WITH}
+    report(rows, r, pairs)
     print(f"kernel path == reference loop on every problem: {same}")
     print("D2F student settings: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in THRESHOLDS))
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     payload = dict(env=environment(), args=vars(a), d2f_config=dataclasses.asdict(cfg),
                    fast_dllm_config=dataclasses.asdict(fast), methods=rows, ratios=r,
-                   paired={f"d2f_vs_{o}": paired(rows["d2f"], rows[o]) for o in ("teacher-vanilla", "ar")},
+                   paired=pairs,
                    kernel_equals_reference=same, params=params)
     write_json(os.path.join(a.out, "e2e.json"), payload)
     write_markdown(os.path.join(a.out, "e2e.md"), HEADER, table_rows(rows, rows["ar"]["tokens_per_s"]))
